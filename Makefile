@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs into .venv and runs the demo (synthetic world -> TA -> LAMA-ckl table)
+#   make test   installs into .venv (with dev tools) and runs ruff + the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= runs/demo
+DEMO_ARGS ?=
+
+# torch is installed first and pinned, so no CUDA build is ever pulled on a CPU machine.
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml constraints.txt
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/ckl demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+demo-quick: install
+	$(BIN)/ckl demo --quick --out runs/demo-quick
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_metastep.py
+
+.PHONY: install demo demo-quick lint test bench

@@ -1,0 +1,168 @@
+"""The ``ckl`` command line: one sub-command per job, recipes in YAML, ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from ckl_toolkit.config import ConfigError, describe, from_dict, load_recipe, parse_overrides, to_yaml
+
+EXIT_BAD_INPUT = 2
+
+JOBS = {"meta": ("ckl_toolkit.meta_config", "MetaRecipe")}
+
+
+def _recipe_class(job: str):
+    import importlib
+
+    module, name = JOBS[job]
+    return getattr(importlib.import_module(module), name)
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _apply(obj, overrides: tuple[str, ...], section: str):
+    """key=value overrides on a dataclass instance (for commands without a recipe file)."""
+    data = dataclasses.asdict(obj)
+    for key, value in parse_overrides(overrides):
+        if key not in data:
+            raise ConfigError(f"{section}.{key}: unknown field; known: {sorted(data)}")
+        data[key] = value
+    return from_dict(type(obj), data, prefix=f"{section}.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckl-toolkit")
+def main() -> None:
+    """ckl-toolkit: keep language models current with Train-Attention (TAALM)."""
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path),
+              help="Output directory (stages found there are reused).")
+@click.option("--quick", is_flag=True, help="A ~2-minute version on a smaller world.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--progress/--no-progress", default=True)
+def demo(out: Path, quick: bool, seed: int, progress: bool) -> None:
+    """Synthetic world -> tiny base -> meta-trained TA -> LAMA-ckl table (uniform, TAALM, oracle)."""
+    from ckl_toolkit.demo import run_demo
+
+    run_demo(out, quick=quick, seed=seed, progress=progress)
+
+
+@main.group()
+def data() -> None:
+    """Data sets: the synthetic knowledge world."""
+
+
+@data.command("synth")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="The small world of the quick demo.")
+@click.option("--seed", default=0, show_default=True)
+@click.argument("overrides", nargs=-1)
+def data_synth(out: Path, quick: bool, seed: int, overrides: tuple[str, ...]) -> None:
+    """Write a synthetic world (pretraining corpus, LAMA-ckl files, meta pairs). OVERRIDES: key=value."""
+    from ckl_toolkit.world import WorldConfig, build_world, write_world
+
+    try:
+        cfg = _apply(WorldConfig.quick(seed) if quick else WorldConfig.default(seed), overrides, "world")
+    except ConfigError as e:
+        _fail(e)
+    world = build_world(cfg)
+    write_world(world, out)
+    click.echo(f"wrote {out}: {world.info()['counts']}")
+
+
+@main.command()
+@click.option("--world", "world_dir", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="The small base of the quick demo.")
+@click.option("--seed", default=0, show_default=True)
+@click.argument("overrides", nargs=-1)
+def pretrain(world_dir: Path, out: Path, quick: bool, seed: int, overrides: tuple[str, ...]) -> None:
+    """Pretrain a tiny Llama (and its BPE tokenizer) from scratch on a world's corpus."""
+    from ckl_toolkit.pretrain import PretrainConfig
+    from ckl_toolkit.pretrain import pretrain as run_pretrain
+
+    try:
+        base = PretrainConfig.quick(seed=seed) if quick else PretrainConfig.default(seed=seed)
+        cfg = _apply(base, overrides, "pretrain")
+    except ConfigError as e:
+        _fail(e)
+    click.echo(f"base model in {run_pretrain(world_dir, out, cfg)}")
+
+
+@main.command("meta-train")
+@click.option("--recipe", required=True, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@click.argument("overrides", nargs=-1)
+def meta_train_cmd(recipe: Path, dry_run: bool, overrides: tuple[str, ...]) -> None:
+    """Meta-train a Train-Attention model (single process). OVERRIDES: key=value."""
+    from ckl_toolkit.meta import meta_train
+    from ckl_toolkit.meta_config import MetaRecipe
+
+    try:
+        r = load_recipe(MetaRecipe, recipe, overrides)
+    except ConfigError as e:
+        _fail(e)
+    if dry_run:
+        click.echo(to_yaml(r))
+        return
+    try:
+        out = meta_train(r)
+    except ConfigError as e:
+        _fail(e)
+    click.echo(f"TA model written to {out}")
+
+
+@main.command()
+@click.option("--recipe", required=True, type=click.Path(path_type=Path))
+@click.option("--job", type=click.Choice(sorted(JOBS)), default="meta", show_default=True)
+@click.argument("overrides", nargs=-1)
+def validate(recipe: Path, job: str, overrides: tuple[str, ...]) -> None:
+    """Check a recipe and print it resolved; exit 2 naming file, line and field if it is wrong."""
+    try:
+        r = load_recipe(_recipe_class(job), recipe, overrides)
+    except ConfigError as e:
+        _fail(e)
+    click.echo(to_yaml(r))
+    click.echo(f"# {recipe}: ok", err=True)
+
+
+@main.command()
+@click.option("--job", type=click.Choice(sorted(JOBS)), default="meta", show_default=True)
+def fields(job: str) -> None:
+    """List every recipe field with its default and meaning."""
+    for name, default, help_text in describe(_recipe_class(job)):
+        click.echo(f"{name:<32} {default:<24} {help_text}")
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: RUN/export/ta")
+def export(run_dir: Path, out: Path | None) -> None:
+    """Export a meta-training run's TA model (latest checkpoint) as safetensors + sidecar."""
+    from ckl_toolkit.checkpoint import latest_checkpoint
+    from ckl_toolkit.io import atomic_dir
+    from ckl_toolkit.ta_model import load_ta_model
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    src = ckpt / "ta" if ckpt else run_dir / "ta"
+    if not (src / "ta_config.json").exists():
+        _fail(FileNotFoundError(f"{run_dir}: no checkpoint with a TA model"))
+    load_ta_model(src)  # refuse to export something that does not load
+    out = out or run_dir / "export" / "ta"
+    with atomic_dir(out) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    click.echo(f"exported {src} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
