@@ -73,6 +73,21 @@ class JsonlError(ValueError):
     """A malformed JSONL line; the message names file, line and field."""
 
 
+def parse_json_object(line: str) -> dict:
+    """Parse one JSONL line that must hold a JSON object.
+
+    Raises:
+        JsonlError: naming what is wrong but not where; callers prefix ``file:line``.
+    """
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise JsonlError(f"invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise JsonlError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
     """Read a JSONL file; fail on the first bad line with file:line and the missing field."""
     path = Path(path)
@@ -82,11 +97,9 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JsonlError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise JsonlError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                obj = parse_json_object(line)
+            except JsonlError as e:
+                raise JsonlError(f"{path}:{lineno}: {e}") from None
             for field in required:
                 if field not in obj:
                     raise JsonlError(f"{path}:{lineno}: missing field '{field}'")
@@ -96,6 +109,20 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append rows to a JSONL log and fsync, so a record survives a crash right after the call.
+
+    Appends are not atomic: a process killed mid-write can leave one partial final line, which
+    readers of an append-only log must skip.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class MetricsLogger:

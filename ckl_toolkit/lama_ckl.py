@@ -110,7 +110,7 @@ def train_epoch(model, tokenizer, rows, source: WeightSource, optimizer, cfg: Pr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return sum(losses) / max(len(losses), 1)
 
 
