@@ -22,7 +22,9 @@ def target_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask[:, 1:].to(torch.bool) & attention_mask[:, :-1].to(torch.bool)
 
 
-def token_nll_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_nll_from_logits(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Next-token NLL in nats per target token.
 
     Args:
@@ -33,16 +35,16 @@ def token_nll_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, attenti
     Returns:
         (B, T-1) losses, zero where the target is padding.
     """
-    logits = logits[:, :-1]  # (B, T-1, V)
+    # at least fp32 (bf16 logits lose the loss' small differences); fp64 stays fp64 for exactness tests
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (B, T-1, V)
     targets = input_ids[:, 1:]  # (B, T-1)
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none")
-    nll = nll.view_as(targets)
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     return nll * target_mask(attention_mask).to(nll.dtype)
 
 
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Run a causal LM and return its (B, T-1) per-target-token NLL (zero on padding)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return token_nll_from_logits(logits, input_ids, attention_mask)
 
 
