@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ckl_toolkit.config import check_choices, fld, require
+from ckl_toolkit.distributed import DistributedSpec
 from ckl_toolkit.metagrad import MetaGradConfig
 from ckl_toolkit.models import ModelSpec
 
@@ -28,9 +29,16 @@ class MetaDataSpec:
 
 @dataclass
 class MetaOptimSpec:
-    lr: float = fld(3e-4, "AdamW learning rate of the TA model (outer step).")
-    weight_decay: float = fld(0.0, "AdamW weight decay of the TA model.")
-    grad_clip: float = fld(1.0, "Clip the TA gradient norm (0: off).")
+    name: str = fld("adamw", "Optimizer of the TA model (a torch optimizer; under ZeRO, adamw and adam are "
+                    "the ones DeepSpeed accepts without zero_allow_untested_optimizer).",
+                    choices=("adamw", "adam", "sgd"))
+    lr: float = fld(3e-4, "Learning rate of the TA model (outer step).")
+    weight_decay: float = fld(0.0, "Weight decay of the TA model (decoupled for adamw).")
+    grad_clip: float = fld(1.0, "Clip the TA gradient norm (0: off); under DeepSpeed, its gradient_clipping.")
+
+    def __post_init__(self):
+        check_choices(self)
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
 
 
 @dataclass
@@ -51,6 +59,7 @@ class MetaRecipe:
     meta: MetaGradConfig = field(default_factory=MetaGradConfig)
     optim: MetaOptimSpec = field(default_factory=MetaOptimSpec)
     val: MetaValSpec = field(default_factory=MetaValSpec)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
     steps: int = fld(300, "TA optimiser steps.")
     batch_size: int = fld(8, "Documents per TA step (the meta-batch), summed over ranks.")
     log_every: int = fld(10, "Steps between metrics.jsonl records.")
@@ -66,3 +75,10 @@ class MetaRecipe:
         check_choices(self)
         require(self.steps >= 1, "steps", "must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        if self.distributed.partition_base:  # DESIGN §3: the inner step runs on a per-rank LoRA set
+            require(self.base.lora is not None, "base.lora", "distributed.partition_base needs LoRA adapters "
+                    "for the per-rank inner step (the partitioned weights are shared); set base.lora={r: 8}")
+            require(self.meta.method == "central", "meta.method", "distributed.partition_base needs "
+                    "meta.method=central (forward-mode AD does not run through ZeRO-3's gathered layers)")
+            require(not self.data.val, "data.val", "validation loads the whole base on rank 0, which "
+                    "distributed.partition_base exists to avoid; set data.val=null and evaluate the export")

@@ -254,9 +254,9 @@ def directional_derivative(
             return _jvp_losses(base, named, doc, z)
         params = list(named.values())
         norm = torch.sqrt(sum((zi.double() ** 2).sum() for zi in z)).item()
-        if norm == 0:  # no outer signal: d = 0 (and so is dL/dw)
-            return torch.zeros(doc[0].shape[0], doc[0].shape[1] - 1, dtype=torch.float32)
-        eps = cfg.fd_eps / norm  # a step of length fd_eps in parameter space
+        # a step of length fd_eps in parameter space. With z = 0 (no outer signal) both forwards still
+        # run and give d = 0 exactly: a partitioned base needs every rank in every gathering forward.
+        eps = cfg.fd_eps / norm if norm > 0 else cfg.fd_eps
         try:
             _place(params, point, z, alpha=-eps)  # θ + εz
             plus = token_nll(base, *doc)

@@ -49,4 +49,4 @@ def test_hash_changes_with_recipe_and_describe_lists_help():
     assert recipe_hash(a) != recipe_hash(b) and recipe_hash(a) == recipe_hash(load_recipe(MetaRecipe, None, ["steps=5"]))
     rows = {name: help_ for name, _, help_ in describe(MetaRecipe)}
     assert "TA optimiser steps" in rows["steps"]
-    assert "base.lora" in rows
+    assert "base.lora.r" in rows and "LoRA rank" in rows["base.lora.r"]
