@@ -13,7 +13,10 @@ from ckl_toolkit.config import ConfigError, describe, from_dict, load_recipe, pa
 
 EXIT_BAD_INPUT = 2
 
-JOBS = {"meta": ("ckl_toolkit.meta_config", "MetaRecipe")}
+JOBS = {
+    "meta": ("ckl_toolkit.meta_config", "MetaRecipe"),
+    "update": ("ckl_toolkit.update_config", "UpdateRecipe"),
+}
 
 
 def _recipe_class(job: str):
@@ -21,6 +24,17 @@ def _recipe_class(job: str):
 
     module, name = JOBS[job]
     return getattr(importlib.import_module(module), name)
+
+
+def _guess_job(recipe: Path) -> str:
+    """An update recipe has a ``target`` section; a meta-training recipe has ``base``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(recipe).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return "meta"  # load_recipe then reports the file or YAML error with its line
+    return "update" if isinstance(data, dict) and "target" in data else "meta"
 
 
 def _fail(e: Exception) -> None:
@@ -102,34 +116,68 @@ def pretrain(world_dir: Path, out: Path, quick: bool, seed: int, overrides: tupl
 @main.command("meta-train")
 @click.option("--recipe", required=True, type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@click.option("--launcher", type=click.Choice(["none", "deepspeed", "torchrun"]), default="none",
+              show_default=True, help="Spawn --nproc ranks on this machine with the DeepSpeed launcher or "
+              "torchrun (the recipe needs distributed.ds_config). Several nodes: run `deepspeed --hostfile` "
+              "yourself (README).")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Ranks to spawn with --launcher.")
 @click.argument("overrides", nargs=-1)
-def meta_train_cmd(recipe: Path, dry_run: bool, overrides: tuple[str, ...]) -> None:
-    """Meta-train a Train-Attention model (single process). OVERRIDES: key=value."""
-    from ckl_toolkit.meta import meta_train
+def meta_train_cmd(recipe: Path, dry_run: bool, launcher: str, nproc: int,
+                   overrides: tuple[str, ...]) -> None:
+    """Meta-train a Train-Attention model (one process, or --nproc ranks). OVERRIDES: key=value."""
+    from ckl_toolkit.distributed import check_recipe, launch_command
     from ckl_toolkit.meta_config import MetaRecipe
 
     try:
         r = load_recipe(MetaRecipe, recipe, overrides)
+        if launcher == "none" and nproc != 1:
+            raise ConfigError(f"--nproc {nproc} needs --launcher deepspeed or torchrun")
+        check_recipe(r, world=nproc if launcher != "none" else None)  # before spawning anything
     except ConfigError as e:
         _fail(e)
     if dry_run:
         click.echo(to_yaml(r))
         return
+    if launcher != "none":
+        import subprocess
+
+        sys.exit(subprocess.call(launch_command(launcher, nproc, str(recipe), overrides)))
+    from ckl_toolkit.distributed import shutdown
+    from ckl_toolkit.meta import meta_train
+
     try:
         out = meta_train(r)
     except ConfigError as e:
         _fail(e)
+    finally:
+        shutdown()  # the world of one that a recipe with distributed.ds_config creates
     click.echo(f"TA model written to {out}")
+
+
+@main.command("update")
+@click.option("--recipe", required=True, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@click.argument("overrides", nargs=-1)
+def update_cmd(recipe: Path, dry_run: bool, overrides: tuple[str, ...]) -> None:
+    """Teach the served model the stream's unseen documents; publish a new version (the nightly job).
+
+    Exit codes: 0 published, 1 failure, 2 bad recipe or input, 3 locked, 4 diverged, 5 nothing to
+    do, 6 interrupted (checkpointed; the next run resumes). OVERRIDES: key=value.
+    """
+    from ckl_toolkit.update import run_cli
+
+    sys.exit(run_cli(str(recipe), overrides, dry_run))
 
 
 @main.command()
 @click.option("--recipe", required=True, type=click.Path(path_type=Path))
-@click.option("--job", type=click.Choice(sorted(JOBS)), default="meta", show_default=True)
+@click.option("--job", type=click.Choice(sorted(JOBS)), default=None,
+              help="The recipe's job; by default told from its sections (target: update, else meta).")
 @click.argument("overrides", nargs=-1)
-def validate(recipe: Path, job: str, overrides: tuple[str, ...]) -> None:
+def validate(recipe: Path, job: str | None, overrides: tuple[str, ...]) -> None:
     """Check a recipe and print it resolved; exit 2 naming file, line and field if it is wrong."""
     try:
-        r = load_recipe(_recipe_class(job), recipe, overrides)
+        r = load_recipe(_recipe_class(job or _guess_job(recipe)), recipe, overrides)
     except ConfigError as e:
         _fail(e)
     click.echo(to_yaml(r))

@@ -173,8 +173,13 @@ class KAdapterModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
     ) -> CausalLMOutputWithPast:
-        """Logits (B, T, V) and, given ``labels`` (B, T, -100 = ignore), the mean next-token loss."""
+        """Logits (B, T, V) and, given ``labels`` (B, T, -100 = ignore), the mean next-token loss.
+
+        ``use_cache`` is accepted for HF-call compatibility and ignored: the adapter scores whole
+        sequences and keeps no KV cache.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         out = self.base.get_decoder()(

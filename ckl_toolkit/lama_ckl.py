@@ -35,10 +35,10 @@ class ProtocolConfig:
     seed: int = fld(0, "Seed of the evidence order.")
 
     def __post_init__(self):
-        check_choices(self, "protocol.")
-        require(self.epochs >= 1, "protocol.epochs", "must be >= 1")
-        require(self.lr > 0, "protocol.lr", "must be > 0")
-        require(self.batch_size >= 1, "protocol.batch_size", "must be >= 1")
+        check_choices(self)
+        require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
 @dataclass

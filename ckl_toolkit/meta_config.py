@@ -24,7 +24,7 @@ class MetaDataSpec:
     task_max_length: int = fld(64, "Tasks (probes) are truncated to this many tokens.")
 
     def __post_init__(self):
-        require(self.max_length >= 8, "data.max_length", "must be >= 8")
+        require(self.max_length >= 8, "max_length", "must be >= 8")
 
 
 @dataclass

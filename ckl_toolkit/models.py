@@ -21,7 +21,7 @@ class LoraSpec:
     target_modules: str = fld("all-linear", "peft target_modules: 'all-linear' or a comma-separated list.")
 
     def __post_init__(self):
-        require(self.r >= 1, "lora.r", "must be >= 1")
+        require(self.r >= 1, "r", "must be >= 1")
 
 
 @dataclass
