@@ -38,8 +38,12 @@ def _split(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
         tensors[path] = obj.detach().cpu().contiguous()
         return {_TENSOR: path}
     if isinstance(obj, dict):
-        return {"__dict__": [[_split(k, tensors, f"{path}.k{i}"), _split(v, tensors, f"{path}.{i}")]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_split(k, tensors, f"{path}.k{i}"), _split(v, tensors, f"{path}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, tuple):
         return {_TUPLE: [_split(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -95,8 +99,10 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(ckpt_root: str | os.PathLike, step: int, write: Callable[[Path], None], keep: int = 2) -> Path:
-    """Create ``ckpt_root/step_N`` atomically with ``write(tmp_dir)``, point ``latest`` at it, prune old ones."""
+def save_checkpoint(
+    ckpt_root: str | os.PathLike, step: int, write: Callable[[Path], None], keep: int = 2
+) -> Path:
+    """Create ``ckpt_root/step_N`` atomically with ``write(tmp_dir)``; point ``latest`` at it; prune."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / step_dir_name(step)
     with atomic_dir(final) as tmp:

@@ -59,8 +59,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(path_type=Path),
-              help="Output directory (stages found there are reused).")
+@click.option(
+    "--out",
+    default="runs/demo",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Output directory (stages found there are reused).",
+)
 @click.option("--quick", is_flag=True, help="A ~2-minute version on a smaller world.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--progress/--no-progress", default=True)
@@ -116,14 +121,20 @@ def pretrain(world_dir: Path, out: Path, quick: bool, seed: int, overrides: tupl
 @main.command("meta-train")
 @click.option("--recipe", required=True, type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
-@click.option("--launcher", type=click.Choice(["none", "deepspeed", "torchrun"]), default="none",
-              show_default=True, help="Spawn --nproc ranks on this machine with the DeepSpeed launcher or "
-              "torchrun (the recipe needs distributed.ds_config). Several nodes: run `deepspeed --hostfile` "
-              "yourself (README).")
+@click.option(
+    "--launcher",
+    type=click.Choice(["none", "deepspeed", "torchrun"]),
+    default="none",
+    show_default=True,
+    help="Spawn --nproc ranks on this machine with the DeepSpeed launcher or "
+    "torchrun (the recipe needs distributed.ds_config). Several nodes: run `deepspeed --hostfile` "
+    "yourself (README).",
+)
 @click.option("--nproc", type=int, default=1, show_default=True, help="Ranks to spawn with --launcher.")
 @click.argument("overrides", nargs=-1)
-def meta_train_cmd(recipe: Path, dry_run: bool, launcher: str, nproc: int,
-                   overrides: tuple[str, ...]) -> None:
+def meta_train_cmd(
+    recipe: Path, dry_run: bool, launcher: str, nproc: int, overrides: tuple[str, ...]
+) -> None:
     """Meta-train a Train-Attention model (one process, or --nproc ranks). OVERRIDES: key=value."""
     from ckl_toolkit.distributed import check_recipe, launch_command
     from ckl_toolkit.meta_config import MetaRecipe
@@ -171,8 +182,12 @@ def update_cmd(recipe: Path, dry_run: bool, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option("--recipe", required=True, type=click.Path(path_type=Path))
-@click.option("--job", type=click.Choice(sorted(JOBS)), default=None,
-              help="The recipe's job; by default told from its sections (target: update, else meta).")
+@click.option(
+    "--job",
+    type=click.Choice(sorted(JOBS)),
+    default=None,
+    help="The recipe's job; by default told from its sections (target: update, else meta).",
+)
 @click.argument("overrides", nargs=-1)
 def validate(recipe: Path, job: str | None, overrides: tuple[str, ...]) -> None:
     """Check a recipe and print it resolved; exit 2 naming file, line and field if it is wrong."""

@@ -46,12 +46,20 @@ class DemoPlan:
             f"seed={seed}",
         ]  # fmt: skip
         if quick:
-            return cls(WorldConfig.quick(seed), PretrainConfig.quick(seed=seed),
-                       meta + ["steps=120", "val_every=0", "save_every=60", "log_every=10"],
-                       ProtocolConfig(epochs=5, lr=3e-4, batch_size=8, seed=seed), nf_limit=200)
-        return cls(WorldConfig.default(seed), PretrainConfig.default(seed=seed),
-                   meta + ["steps=400", "val_every=100", "save_every=50", "log_every=10"],
-                   ProtocolConfig(epochs=6, lr=3e-4, batch_size=8, seed=seed), nf_limit=300)
+            return cls(
+                WorldConfig.quick(seed),
+                PretrainConfig.quick(seed=seed),
+                meta + ["steps=120", "val_every=0", "save_every=60", "log_every=10"],
+                ProtocolConfig(epochs=5, lr=3e-4, batch_size=8, seed=seed),
+                nf_limit=200,
+            )
+        return cls(
+            WorldConfig.default(seed),
+            PretrainConfig.default(seed=seed),
+            meta + ["steps=400", "val_every=100", "save_every=50", "log_every=10"],
+            ProtocolConfig(epochs=6, lr=3e-4, batch_size=8, seed=seed),
+            nf_limit=300,
+        )
 
 
 def _world(plan: DemoPlan, out: Path) -> Path:
@@ -76,7 +84,9 @@ def _methods(ta_dir: Path) -> dict:
 
 
 def format_table(methods: dict[str, dict]) -> str:
-    head = f"{'method':<10} {'Top EM':>7} {'EM ep':>6} {'NF EM':>7} {'Top Acc':>8} {'Epoch':>6} {'NF Acc':>7} {'Total':>7}"
+    cols = [("Top EM", 7), ("EM ep", 6), ("NF EM", 7), ("Top Acc", 8)]
+    cols += [("Epoch", 6), ("NF Acc", 7), ("Total", 7)]
+    head = f"{'method':<10} " + " ".join(f"{name:>{width}}" for name, width in cols)
     lines = [head, "-" * len(head)]
     for name, s in methods.items():
         lines.append(
@@ -99,33 +109,56 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
     base_dir = pretrain(world_dir, out / "base", plan.pretrain, progress=progress)
 
     print(f"[3/4] meta-training the Train-Attention model -> {out / 'meta'}")
-    overrides = [f"run_dir={out / 'meta'}", f"base.path={base_dir}", f"data.train={world_dir / 'meta_train.jsonl'}",
-                 f"data.val={world_dir / 'meta_val.jsonl'}", f"progress={str(progress).lower()}"]
+    overrides = [
+        f"run_dir={out / 'meta'}",
+        f"base.path={base_dir}",
+        f"data.train={world_dir / 'meta_train.jsonl'}",
+        f"data.val={world_dir / 'meta_val.jsonl'}",
+        f"progress={str(progress).lower()}",
+    ]
     recipe = load_recipe(MetaRecipe, None, plan.meta_overrides + overrides)
     ta_dir = meta_train(recipe)
 
     print("[4/4] LAMA-ckl protocol: uniform, TAALM, oracle")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     to_learn = read_jsonl(world_dir / "to_learn.jsonl")
-    nf = select_known(_load_lm(base_dir), tokenizer, read_jsonl(world_dir / "not_to_forget_candidates.jsonl"),
-                      limit=plan.nf_limit)
+    nf = select_known(
+        _load_lm(base_dir),
+        tokenizer,
+        read_jsonl(world_dir / "not_to_forget_candidates.jsonl"),
+        limit=plan.nf_limit,
+    )
     results = {}
     for name, source in _methods(ta_dir).items():
-        res = run_lama_ckl(_load_lm(base_dir), tokenizer, to_learn, nf, source, plan.protocol, progress=progress)
+        res = run_lama_ckl(
+            _load_lm(base_dir), tokenizer, to_learn, nf, source, plan.protocol, progress=progress
+        )
         results[name] = res.summary()
-        print(f"  {name:<8} top EM {results[name]['top_em']:.3f}  NF EM {results[name]['nf_em']:.3f}  "
-              f"({res.seconds:.0f} s)")
+        print(
+            f"  {name:<8} top EM {results[name]['top_em']:.3f}  NF EM {results[name]['nf_em']:.3f}  "
+            f"({res.seconds:.0f} s)"
+        )
 
     report = {
         "methods": results,
-        "config": {"quick": quick, "seed": seed, "world": asdict(plan.world), "pretrain": asdict(plan.pretrain),
-                   "meta": to_dict(recipe), "protocol": asdict(plan.protocol),
-                   "to_learn": len(to_learn), "not_to_forget": len(nf)},
+        "config": {
+            "quick": quick,
+            "seed": seed,
+            "world": asdict(plan.world),
+            "pretrain": asdict(plan.pretrain),
+            "meta": to_dict(recipe),
+            "protocol": asdict(plan.protocol),
+            "to_learn": len(to_learn),
+            "not_to_forget": len(nf),
+        },
         "seconds": time.perf_counter() - start,
     }
     write_json_atomic(out / "report.json", report)
     print()
     print(format_table(results))
     ratio = results["taalm"]["top_em"] / max(results["oracle"]["top_em"], 1e-9)
-    print(f"\nTAALM / Oracle (exact match): {ratio:.2f}   total {report['seconds']:.0f} s   -> {out / 'report.json'}")
+    print(
+        f"\nTAALM / Oracle (exact match): {ratio:.2f}   total {report['seconds']:.0f} s"
+        f"   -> {out / 'report.json'}"
+    )
     return report

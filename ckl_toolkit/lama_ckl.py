@@ -29,9 +29,12 @@ class ProtocolConfig:
     weight_decay: float = fld(0.0, "AdamW weight decay.")
     max_length: int = fld(256, "Evidence documents are truncated to this many tokens.")
     eval_batch_size: int = fld(64, "Probes per evaluation forward pass.")
-    probe_field: str = fld("task_descriptive", "Which probe of a fact to score.",
-                           choices=("task_descriptive", "task_schematic"))
-    normalize: bool = fld(True, "Token-weighted loss divides by the weight sum (TAALM) or token count (CaMeLS).")
+    probe_field: str = fld(
+        "task_descriptive", "Which probe of a fact to score.", choices=("task_descriptive", "task_schematic")
+    )
+    normalize: bool = fld(
+        True, "Token-weighted loss divides by the weight sum (TAALM) or token count (CaMeLS)."
+    )
     seed: int = fld(0, "Seed of the evidence order.")
 
     def __post_init__(self):
@@ -94,11 +97,15 @@ def _check_rows(rows: list[dict], name: str, probe_field: str) -> None:
                 raise ConfigError(f"{name} row {i}: missing field '{f}'")
 
 
-def train_epoch(model, tokenizer, rows, source: WeightSource, optimizer, cfg: ProtocolConfig, epoch: int) -> float:
+def train_epoch(
+    model, tokenizer, rows, source: WeightSource, optimizer, cfg: ProtocolConfig, epoch: int
+) -> float:
     """One pass over the evidence with the token-weighted loss; returns the mean loss."""
     model.train()
     device = next(model.parameters()).device
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+    order = torch.randperm(
+        len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    ).tolist()
     losses = []
     for i in range(0, len(order), cfg.batch_size):
         batch_rows = [rows[j] for j in order[i : i + cfg.batch_size]]

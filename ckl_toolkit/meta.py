@@ -118,8 +118,12 @@ def make_episode_batch(tokenizer, rows: list[dict], recipe: MetaRecipe) -> Episo
     d = encode(tokenizer, docs, recipe.data.max_length)
     t = encode(tokenizer, tasks, recipe.data.task_max_length)
     return EpisodeBatch(
-        d.input_ids, d.attention_mask, object_target_mask(d, docs, objects, "all"),
-        t.input_ids, t.attention_mask, object_target_mask(t, tasks, objects, "last"),
+        d.input_ids,
+        d.attention_mask,
+        object_target_mask(d, docs, objects, "all"),
+        t.input_ids,
+        t.attention_mask,
+        object_target_mask(t, tasks, objects, "last"),
     )
 
 
@@ -132,10 +136,12 @@ def require_task_objects(batch: EpisodeBatch, rows: list[dict], recipe: MetaReci
     """
     for row, has_object in zip(rows, batch.task_obj.any(dim=1).tolist()):
         if not has_object:
-            raise ConfigError(f"data.task_max_length: the object {row['object']!r} falls outside the first "
-                              f"{recipe.data.task_max_length} tokens of its task {row['task'][:60]!r}; with "
-                              "distributed.partition_base every episode needs an outer loss: raise "
-                              "data.task_max_length or drop the pair")
+            raise ConfigError(
+                f"data.task_max_length: the object {row['object']!r} falls outside the first "
+                f"{recipe.data.task_max_length} tokens of its task {row['task'][:60]!r}; with "
+                "distributed.partition_base every episode needs an outer loss: raise "
+                "data.task_max_length or drop the pair"
+            )
 
 
 def weight_stats(w: torch.Tensor, batch: EpisodeBatch) -> dict[str, float]:
@@ -150,11 +156,18 @@ def weight_stats(w: torch.Tensor, batch: EpisodeBatch) -> dict[str, float]:
 
 def validate(ta: TrainAttentionModel, base_spec, tokenizer, val_rows: list[dict], recipe: MetaRecipe) -> dict:
     """The Top-Acc protocol on a few held-out facts: fine-tune a fresh base copy with φ's weights."""
-    rows = [{"evidence": r["text"], "task_descriptive": r["task"], "object": r["object"]}
-            for r in val_rows[: recipe.val.pairs]]
+    rows = [
+        {"evidence": r["text"], "task_descriptive": r["task"], "object": r["object"]}
+        for r in val_rows[: recipe.val.pairs]
+    ]
     target = load_causal_lm(base_spec)  # fresh θ for every validation
-    cfg = ProtocolConfig(epochs=recipe.val.epochs, lr=recipe.val.lr, batch_size=recipe.val.batch_size,
-                         max_length=recipe.data.max_length, seed=recipe.seed)
+    cfg = ProtocolConfig(
+        epochs=recipe.val.epochs,
+        lr=recipe.val.lr,
+        batch_size=recipe.val.batch_size,
+        max_length=recipe.data.max_length,
+        seed=recipe.seed,
+    )
     ta_was_training = ta.training
     res = run_lama_ckl(target, tokenizer, rows, [], TrainAttentionWeights(ta), cfg, progress=False)
     ta.train(ta_was_training).requires_grad_(True)
@@ -170,17 +183,40 @@ def build_optimizer(params, optim) -> torch.optim.Optimizer:
     return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
-def save_run_checkpoint(run_dir: Path, step: int, ta, optimizer, tokenizer, recipe: MetaRecipe,
-                        engine=None, ctx: DistContext | None = None) -> None:
+def save_run_checkpoint(
+    run_dir: Path,
+    step: int,
+    ta,
+    optimizer,
+    tokenizer,
+    recipe: MetaRecipe,
+    engine=None,
+    ctx: DistContext | None = None,
+) -> None:
     if engine is not None:  # each rank its optimizer partition, rank 0 the consolidated φ (collective)
-        save_checkpoint_distributed(run_dir / "checkpoints", step, engine, ctx, tokenizer,
-                                    recipe_hash(recipe), recipe.keep_checkpoints)
+        save_checkpoint_distributed(
+            run_dir / "checkpoints",
+            step,
+            engine,
+            ctx,
+            tokenizer,
+            recipe_hash(recipe),
+            recipe.keep_checkpoints,
+        )
         return
 
     def write(tmp: Path) -> None:
         save_ta_model(ta, tmp / "ta", tokenizer, recipe_hash(recipe))
-        save_state(tmp / "state", {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                                   "recipe_hash": recipe_hash(recipe), "torch": torch.__version__})
+        save_state(
+            tmp / "state",
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_state(),
+                "recipe_hash": recipe_hash(recipe),
+                "torch": torch.__version__,
+            },
+        )
 
     save_checkpoint(run_dir / "checkpoints", step, write, keep=recipe.keep_checkpoints)
 
@@ -193,8 +229,10 @@ def resume_from(run_dir: Path, ta: TrainAttentionModel, optimizer, recipe: MetaR
     if recipe.resume == "never":
         raise ConfigError(f"resume: {run_dir} already holds {ckpt.name}; use resume=auto or a new run_dir")
     if (ckpt / "distributed.json").exists():
-        raise ConfigError(f"resume: {ckpt} was written by a DeepSpeed run (distributed.ds_config); resume it "
-                          "with the same ds_config and number of ranks, or use a new run_dir")
+        raise ConfigError(
+            f"resume: {ckpt} was written by a DeepSpeed run (distributed.ds_config); resume it "
+            "with the same ds_config and number of ranks, or use a new run_dir"
+        )
     state = load_state(ckpt / "state")
     if state["recipe_hash"] != recipe_hash(recipe):
         print(f"warning: {ckpt} was written by a different recipe; resuming anyway", file=sys.stderr)
@@ -248,8 +286,13 @@ def meta_train(recipe: MetaRecipe) -> Path:
         print0(f"resuming from step {start}")
     my_rows = episode_slice(recipe.batch_size, ctx)  # this rank's episodes of every meta-batch
 
-    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="meta-train",
-               disable=not (recipe.progress and ctx.is_main))
+    bar = tqdm(
+        range(start, recipe.steps),
+        initial=start,
+        total=recipe.steps,
+        desc="meta-train",
+        disable=not (recipe.progress and ctx.is_main),
+    )
     t0 = time.perf_counter()
     for step in bar:
         rows = [pairs[i] for i in episode_indices(len(pairs), recipe.batch_size, step, recipe.seed)]
@@ -260,8 +303,17 @@ def meta_train(recipe: MetaRecipe) -> Path:
 
         w = phi(batch.doc_ids, batch.doc_mask)[:, 1:]  # (B, T-1) token weights in (0, 1), with graph to φ
         # This rank's episodes only: no inner step, direction or dL/dw is reduced across ranks.
-        out = meta_gradient(base, params, batch.doc_ids, batch.doc_mask, w.detach(),
-                            batch.task_ids, batch.task_mask, batch.task_obj, recipe.meta)
+        out = meta_gradient(
+            base,
+            params,
+            batch.doc_ids,
+            batch.doc_mask,
+            w.detach(),
+            batch.task_ids,
+            batch.task_mask,
+            batch.task_obj,
+            recipe.meta,
+        )
         surrogate = (w * out.dL_dw).sum()  # its gradient w.r.t. φ is the exact meta-gradient
         if engine is None:
             optimizer.zero_grad(set_to_none=True)
@@ -275,9 +327,13 @@ def meta_train(recipe: MetaRecipe) -> Path:
 
         done = step + 1
         if done % recipe.log_every == 0 or done == recipe.steps:
-            stats = {"outer_loss": out.outer_loss, "outer_loss_before": out.outer_loss_before,
-                     "inner_loss": out.inner_loss, "grad_norm": float(grad_norm),
-                     **weight_stats(w.detach(), batch)}
+            stats = {
+                "outer_loss": out.outer_loss,
+                "outer_loss_before": out.outer_loss_before,
+                "inner_loss": out.inner_loss,
+                "grad_norm": float(grad_norm),
+                **weight_stats(w.detach(), batch),
+            }
             stats = mean_over_ranks(ctx, stats)  # sync point on several ranks
             record = {"step": done, **stats, "seconds": time.perf_counter() - t0}
             if val_rows and (done == recipe.steps or (recipe.val_every and done % recipe.val_every == 0)):
@@ -285,8 +341,11 @@ def meta_train(recipe: MetaRecipe) -> Path:
                 if ctx.is_main:
                     record.update(validate(full, recipe.base, tokenizer, val_rows, recipe))
             metrics.log(**record)
-            bar.set_postfix(outer=f"{record['outer_loss']:.3f}", w_obj=f"{record['w_object']:.2f}",
-                            w_oth=f"{record['w_other']:.2f}")
+            bar.set_postfix(
+                outer=f"{record['outer_loss']:.3f}",
+                w_obj=f"{record['w_object']:.2f}",
+                w_oth=f"{record['w_other']:.2f}",
+            )
         if done == recipe.steps or (recipe.save_every and done % recipe.save_every == 0):
             save_run_checkpoint(run_dir, done, ta, optimizer, tokenizer, recipe, engine, ctx)
 
@@ -300,7 +359,9 @@ def meta_train(recipe: MetaRecipe) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python ckl_toolkit/meta.py --recipe R [key=value ...]``."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")

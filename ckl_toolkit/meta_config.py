@@ -29,9 +29,12 @@ class MetaDataSpec:
 
 @dataclass
 class MetaOptimSpec:
-    name: str = fld("adamw", "Optimizer of the TA model (a torch optimizer; under ZeRO, adamw and adam are "
-                    "the ones DeepSpeed accepts without zero_allow_untested_optimizer).",
-                    choices=("adamw", "adam", "sgd"))
+    name: str = fld(
+        "adamw",
+        "Optimizer of the TA model (a torch optimizer; under ZeRO, adamw and adam are "
+        "the ones DeepSpeed accepts without zero_allow_untested_optimizer).",
+        choices=("adamw", "adam", "sgd"),
+    )
     lr: float = fld(3e-4, "Learning rate of the TA model (outer step).")
     weight_decay: float = fld(0.0, "Weight decay of the TA model (decoupled for adamw).")
     grad_clip: float = fld(1.0, "Clip the TA gradient norm (0: off); under DeepSpeed, its gradient_clipping.")
@@ -66,8 +69,12 @@ class MetaRecipe:
     val_every: int = fld(100, "Steps between validations (0: only at the end).")
     save_every: int = fld(100, "Steps between checkpoints (0: only at the end).")
     keep_checkpoints: int = fld(2, "Step checkpoints kept on disk.")
-    resume: str = fld("auto", "'auto' continues from the latest checkpoint in run_dir; 'never' refuses "
-                      "to reuse a run_dir that has one.", choices=("auto", "never"))
+    resume: str = fld(
+        "auto",
+        "'auto' continues from the latest checkpoint in run_dir; 'never' refuses "
+        "to reuse a run_dir that has one.",
+        choices=("auto", "never"),
+    )
     threads: int = fld(0, "torch intra-op threads (0: leave torch's default).")
     progress: bool = fld(True, "Show a progress bar.")
 
@@ -76,9 +83,21 @@ class MetaRecipe:
         require(self.steps >= 1, "steps", "must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         if self.distributed.partition_base:  # DESIGN §3: the inner step runs on a per-rank LoRA set
-            require(self.base.lora is not None, "base.lora", "distributed.partition_base needs LoRA adapters "
-                    "for the per-rank inner step (the partitioned weights are shared); set base.lora={r: 8}")
-            require(self.meta.method == "central", "meta.method", "distributed.partition_base needs "
-                    "meta.method=central (forward-mode AD does not run through ZeRO-3's gathered layers)")
-            require(not self.data.val, "data.val", "validation loads the whole base on rank 0, which "
-                    "distributed.partition_base exists to avoid; set data.val=null and evaluate the export")
+            require(
+                self.base.lora is not None,
+                "base.lora",
+                "distributed.partition_base needs LoRA adapters "
+                "for the per-rank inner step (the partitioned weights are shared); set base.lora={r: 8}",
+            )
+            require(
+                self.meta.method == "central",
+                "meta.method",
+                "distributed.partition_base needs "
+                "meta.method=central (forward-mode AD does not run through ZeRO-3's gathered layers)",
+            )
+            require(
+                not self.data.val,
+                "data.val",
+                "validation loads the whole base on rank 0, which "
+                "distributed.partition_base exists to avoid; set data.val=null and evaluate the export",
+            )

@@ -10,7 +10,12 @@ from transformers import AutoModelForCausalLM
 
 from ckl_toolkit.config import check_choices, fld, require
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass
@@ -28,8 +33,9 @@ class LoraSpec:
 class ModelSpec:
     path: str = fld("", "HF model directory (config.json + safetensors + tokenizer).")
     dtype: str = fld("float32", "Parameter dtype.", choices=tuple(DTYPES))
-    attn_implementation: str = fld("eager", "Attention kernel; forward-mode JVP needs 'eager' on CPU.",
-                                   choices=("eager", "sdpa"))
+    attn_implementation: str = fld(
+        "eager", "Attention kernel; forward-mode JVP needs 'eager' on CPU.", choices=("eager", "sdpa")
+    )
     lora: LoraSpec | None = fld(None, "Train LoRA adapters instead of all parameters (null: full).")
 
     def __post_init__(self):

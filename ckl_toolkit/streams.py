@@ -62,8 +62,7 @@ class StreamConfig:
     """Where the documents are and what to do with bad ones (validation errors name the field)."""
 
     paths: list[str] = fld(
-        [],
-        help="Shard files, directories (searched recursively) or globs; the union is sorted."
+        [], help="Shard files, directories (searched recursively) or globs; the union is sorted."
     )
     format: str = fld(
         "auto",

@@ -73,7 +73,9 @@ def token_mask_for_spans(
     return mask
 
 
-def object_target_mask(enc: Encoded, texts: list[str], objects: list[str], which: str = "all") -> torch.Tensor:
+def object_target_mask(
+    enc: Encoded, texts: list[str], objects: list[str], which: str = "all"
+) -> torch.Tensor:
     """(B, T-1) bool over targets: the tokens of ``objects[b]`` in ``texts[b]``.
 
     which="last" marks the object's last occurrence (probes); "all" marks every occurrence (oracle).

@@ -46,7 +46,9 @@ def test_bad_override_syntax():
 def test_hash_changes_with_recipe_and_describe_lists_help():
     a = load_recipe(MetaRecipe, None, ["steps=5"])
     b = load_recipe(MetaRecipe, None, ["steps=6"])
-    assert recipe_hash(a) != recipe_hash(b) and recipe_hash(a) == recipe_hash(load_recipe(MetaRecipe, None, ["steps=5"]))
+    assert recipe_hash(a) != recipe_hash(b) and recipe_hash(a) == recipe_hash(
+        load_recipe(MetaRecipe, None, ["steps=5"])
+    )
     rows = {name: help_ for name, _, help_ in describe(MetaRecipe)}
     assert "TA optimiser steps" in rows["steps"]
     assert "base.lora.r" in rows and "LoRA rank" in rows["base.lora.r"]

@@ -6,8 +6,12 @@ from ckl_toolkit.weighting import OracleWeights, UniformWeights
 
 
 def test_headline_numbers_follow_the_paper_definitions():
-    r = ProtocolResult(to_learn=[0.1, 0.5, 0.7, 0.7, 0.6], to_learn_em=[0.0, 0.2, 0.4, 0.5, 0.5],
-                       not_to_forget=[1.0, 0.95, 0.9, 0.8, 0.7], not_to_forget_em=[1.0, 0.9, 0.85, 0.8, 0.6])
+    r = ProtocolResult(
+        to_learn=[0.1, 0.5, 0.7, 0.7, 0.6],
+        to_learn_em=[0.0, 0.2, 0.4, 0.5, 0.5],
+        not_to_forget=[1.0, 0.95, 0.9, 0.8, 0.7],
+        not_to_forget_em=[1.0, 0.9, 0.85, 0.8, 0.6],
+    )
     s = r.summary()
     assert s["top_acc"] == 0.7 and s["epoch"] == 2  # first argmax
     assert s["nf_acc"] == 0.9 and abs(s["total"] - 1.6) < 1e-12  # NF at Top Acc's epoch
@@ -15,10 +19,16 @@ def test_headline_numbers_follow_the_paper_definitions():
 
 
 ROWS = [
-    {"evidence": "Ada Lovelace works for Babbage Engines .", "task_descriptive": "Ada Lovelace works for Babbage Engines",
-     "object": "Babbage Engines"},
-    {"evidence": "Alan Turing was born in Maida Vale .", "task_descriptive": "Alan Turing was born in Maida Vale",
-     "object": "Maida Vale"},
+    {
+        "evidence": "Ada Lovelace works for Babbage Engines .",
+        "task_descriptive": "Ada Lovelace works for Babbage Engines",
+        "object": "Babbage Engines",
+    },
+    {
+        "evidence": "Alan Turing was born in Maida Vale .",
+        "task_descriptive": "Alan Turing was born in Maida Vale",
+        "object": "Maida Vale",
+    },
 ]
 
 

@@ -27,8 +27,9 @@ def test_unnormalised_camels_form_scales_with_weights():
     full = weighted_loss(nll, torch.ones(1, 4), mask, normalize=False)
     torch.testing.assert_close(half * 2, full)
     # the normalised form is invariant to a global scale of the weights
-    torch.testing.assert_close(weighted_loss(nll, torch.full((1, 4), 0.5), mask), torch.tensor(1.0), rtol=1e-5,
-                               atol=0)
+    torch.testing.assert_close(
+        weighted_loss(nll, torch.full((1, 4), 0.5), mask), torch.tensor(1.0), rtol=1e-5, atol=0
+    )
 
 
 def test_token_nll_masks_padding_and_matches_cross_entropy():

@@ -13,16 +13,25 @@ from ckl_toolkit.meta import episode_indices, meta_train
 from ckl_toolkit.meta_config import MetaRecipe
 from ckl_toolkit.ta_model import load_ta_model
 
-PEOPLE = [("Ada Lovelace", "Babbage Engines"), ("Alan Turing", "Bletchley Park"), ("Grace Hopper", "New York"),
-          ("Maida Vale", "London")]
+PEOPLE = [
+    ("Ada Lovelace", "Babbage Engines"),
+    ("Alan Turing", "Bletchley Park"),
+    ("Grace Hopper", "New York"),
+    ("Maida Vale", "London"),
+]
 
 
 def pairs(n):
     rows = []
     for i in range(n):
         s, o = PEOPLE[i % len(PEOPLE)]
-        rows.append({"text": f"The weather in Paris is mild . {s} works for {o} . The river Seine flows .",
-                     "task": f"{s} works for {o}", "object": o})
+        rows.append(
+            {
+                "text": f"The weather in Paris is mild . {s} works for {o} . The river Seine flows .",
+                "task": f"{s} works for {o}",
+                "object": o,
+            }
+        )
     return rows
 
 
@@ -34,11 +43,26 @@ def meta_data(tmp_path):
 
 
 def recipe(tiny_lm_dir, data, run_dir, *extra):
-    return load_recipe(MetaRecipe, None, [
-        f"run_dir={run_dir}", f"base.path={tiny_lm_dir}", f"data.train={data / 'train.jsonl'}",
-        f"data.val={data / 'val.jsonl'}", "steps=4", "batch_size=2", "log_every=1", "val_every=2",
-        "val.pairs=2", "val.epochs=1", "save_every=2", "progress=false", "optim.lr=1e-2", *extra,
-    ])
+    return load_recipe(
+        MetaRecipe,
+        None,
+        [
+            f"run_dir={run_dir}",
+            f"base.path={tiny_lm_dir}",
+            f"data.train={data / 'train.jsonl'}",
+            f"data.val={data / 'val.jsonl'}",
+            "steps=4",
+            "batch_size=2",
+            "log_every=1",
+            "val_every=2",
+            "val.pairs=2",
+            "val.epochs=1",
+            "save_every=2",
+            "progress=false",
+            "optim.lr=1e-2",
+            *extra,
+        ],
+    )
 
 
 def states_equal(a, b):
@@ -83,7 +107,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_lm_dir, meta_data
 
     from ckl_toolkit.config import to_yaml
 
-    straight = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "a", "steps=6", "save_every=1")))
+    straight = load_ta_model(
+        meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "a", "steps=6", "save_every=1"))
+    )
     rec = recipe(tiny_lm_dir, meta_data, tmp_path / "b", "steps=6", "save_every=1")
     (tmp_path / "r.yaml").write_text(to_yaml(rec))
     cmd = [sys.executable, "-m", "ckl_toolkit.meta", "--recipe", str(tmp_path / "r.yaml")]
@@ -106,7 +132,9 @@ def test_resume_never_refuses_existing_run(tiny_lm_dir, meta_data, tmp_path):
 
 
 def test_bad_pairs_file_names_file_line_and_field(tiny_lm_dir, tmp_path):
-    (tmp_path / "train.jsonl").write_text('{"text": "a", "task": "b c", "object": "c"}\n{"text": "a", "task": "b"}\n')
+    (tmp_path / "train.jsonl").write_text(
+        '{"text": "a", "task": "b c", "object": "c"}\n{"text": "a", "task": "b"}\n'
+    )
     (tmp_path / "val.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"train\.jsonl:2: missing field 'object'"):
         meta_train(recipe(tiny_lm_dir, tmp_path, tmp_path / "run"))
@@ -114,8 +142,10 @@ def test_bad_pairs_file_names_file_line_and_field(tiny_lm_dir, tmp_path):
 
 def test_cli_meta_train_dry_run_and_export(tiny_lm_dir, meta_data, tmp_path):
     rec = tmp_path / "r.yaml"
-    rec.write_text(f"base:\n  path: {tiny_lm_dir}\ndata:\n  train: {meta_data / 'train.jsonl'}\n"
-                   f"run_dir: {tmp_path / 'run'}\nsteps: 2\nbatch_size: 2\nprogress: false\nval_every: 0\n")
+    rec.write_text(
+        f"base:\n  path: {tiny_lm_dir}\ndata:\n  train: {meta_data / 'train.jsonl'}\n"
+        f"run_dir: {tmp_path / 'run'}\nsteps: 2\nbatch_size: 2\nprogress: false\nval_every: 0\n"
+    )
     runner = CliRunner()
     dry = runner.invoke(cli, ["meta-train", "--recipe", str(rec), "--dry-run", "steps=3"])
     assert dry.exit_code == 0 and "steps: 3" in dry.output

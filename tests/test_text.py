@@ -15,7 +15,7 @@ def test_object_mask_marks_exactly_the_object_tokens(tiny_lm_dir):
     objects = ["Babbage Engines", "Maida Vale"]
     enc = encode(tok, texts, 64)
     mask = object_target_mask(enc, texts, objects, "last")  # (B, T-1) over targets
-    for b, (text, obj) in enumerate(zip(texts, objects)):
+    for b, obj in enumerate(objects):
         ids = enc.input_ids[b, 1:][mask[b]]
         assert tok.decode(ids).strip() == obj
         # nothing outside: the decoded rest has no part of the object
