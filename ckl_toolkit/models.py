@@ -49,18 +49,23 @@ def load_causal_lm(spec: ModelSpec, field_name: str = "base.path") -> nn.Module:
         spec.path, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation
     )
     if spec.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        targets = spec.lora.target_modules
-        lora = LoraConfig(
-            r=spec.lora.r,
-            lora_alpha=spec.lora.alpha,
-            lora_dropout=spec.lora.dropout,
-            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = add_lora(model, spec.lora)
     return model
+
+
+def add_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
+    """Wrap ``model`` with fresh peft LoRA adapters (only they require grad afterwards)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ckl_toolkit.config import ConfigError
 from ckl_toolkit.kadapter import KAdapterModel, load_adapter
-from ckl_toolkit.models import DTYPES, ModelSpec, load_causal_lm
+from ckl_toolkit.models import DTYPES, ModelSpec, add_lora, load_causal_lm
 from ckl_toolkit.text import ensure_pad_token
 from ckl_toolkit.update_config import TargetSpec
 
@@ -87,17 +87,7 @@ def _load_quantized(spec: TargetSpec) -> nn.Module:
 
 
 def _fresh_lora(base: nn.Module, spec: TargetSpec) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    targets = spec.lora.target_modules
-    cfg = LoraConfig(
-        r=spec.lora.r,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(base, cfg)
+    return add_lora(base, spec.lora)
 
 
 def build_target(spec: TargetSpec, version: Path | None, seed: int) -> Target:

@@ -7,6 +7,13 @@ names. Every relation has five paraphrase templates with the object last. For ea
 template is held out of pretraining; probes use it, so a probe tests knowledge, not a memorised
 sentence.
 
+TO-LEARN facts are *changed* facts by default (``to_learn_mode="changed"``): pretraining states an
+old value, the evidence states a new one. Measured on the quick world (lr 3e-4, 10 epochs, exact
+match on the held-out probe), uniform fine-tuning reached 0.44 against the oracle's 0.72 in this
+mode, but only 0.16 against 0.24 in ``"new"`` mode (no value pretrained): a fact the model never
+stored is learnt from one phrasing as that phrasing and does not transfer to the probe's, so
+there every method fails and nothing separates them.
+
 Files written by :func:`write_world` (LAMA-ckl field names where the paper's release has them):
   pretrain.jsonl                 ``{"id", "text"}`` biography paragraphs, several passes
   to_learn.jsonl                 TO-LEARN: new values of time-variant facts, evidence + probes

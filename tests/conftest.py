@@ -21,6 +21,24 @@ TINY_TEXTS = [
 ] * 20
 
 
+META_PEOPLE = [
+    ("Ada Lovelace", "Babbage Engines"),
+    ("Alan Turing", "Bletchley Park"),
+    ("Grace Hopper", "New York"),
+    ("Maida Vale", "London"),
+]
+
+
+def meta_pairs(n: int) -> list[dict]:
+    """n meta-training pairs {text, task, object} in the words of TINY_TEXTS."""
+    rows = []
+    for i in range(n):
+        s, o = META_PEOPLE[i % len(META_PEOPLE)]
+        text = f"The weather in Paris is mild . {s} works for {o} . The river Seine flows ."
+        rows.append({"text": text, "task": f"{s} works for {o}", "object": o})
+    return rows
+
+
 def build_tiny_lm_dir(path, vocab_size: int = 300, hidden: int = 32, layers: int = 2, seed: int = 0):
     """A random tiny LlamaForCausalLM and a BPE tokenizer trained on a few sentences."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -28,30 +28,11 @@ from ckl_toolkit.io import write_jsonl_atomic
 from ckl_toolkit.meta import meta_train
 from ckl_toolkit.meta_config import MetaRecipe
 from ckl_toolkit.ta_model import build_ta_model, load_ta_model
+from tests.conftest import meta_pairs as pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 TOLERANCE = 1e-2  # relative to the distance φ moved; see the module docstring
-PEOPLE = [
-    ("Ada Lovelace", "Babbage Engines"),
-    ("Alan Turing", "Bletchley Park"),
-    ("Grace Hopper", "New York"),
-    ("Maida Vale", "London"),
-]
-
-
-def pairs(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        s, o = PEOPLE[i % len(PEOPLE)]
-        rows.append(
-            {
-                "text": f"The weather in Paris is mild . {s} works for {o} . The river Seine flows .",
-                "task": f"{s} works for {o}",
-                "object": o,
-            }
-        )
-    return rows
 
 
 def recipe_args(tiny_lm_dir, data: Path, run_dir: Path, *extra: str) -> list[str]:

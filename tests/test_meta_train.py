@@ -12,27 +12,7 @@ from ckl_toolkit.io import write_jsonl_atomic
 from ckl_toolkit.meta import episode_indices, meta_train
 from ckl_toolkit.meta_config import MetaRecipe
 from ckl_toolkit.ta_model import load_ta_model
-
-PEOPLE = [
-    ("Ada Lovelace", "Babbage Engines"),
-    ("Alan Turing", "Bletchley Park"),
-    ("Grace Hopper", "New York"),
-    ("Maida Vale", "London"),
-]
-
-
-def pairs(n):
-    rows = []
-    for i in range(n):
-        s, o = PEOPLE[i % len(PEOPLE)]
-        rows.append(
-            {
-                "text": f"The weather in Paris is mild . {s} works for {o} . The river Seine flows .",
-                "task": f"{s} works for {o}",
-                "object": o,
-            }
-        )
-    return rows
+from tests.conftest import meta_pairs as pairs
 
 
 @pytest.fixture
