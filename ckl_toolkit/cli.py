@@ -16,6 +16,7 @@ EXIT_BAD_INPUT = 2
 JOBS = {
     "meta": ("ckl_toolkit.meta_config", "MetaRecipe"),
     "update": ("ckl_toolkit.update_config", "UpdateRecipe"),
+    "eval": ("ckl_toolkit.eval_config", "EvalRecipe"),
 }
 
 
@@ -27,14 +28,18 @@ def _recipe_class(job: str):
 
 
 def _guess_job(recipe: Path) -> str:
-    """An update recipe has a ``target`` section; a meta-training recipe has ``base``."""
+    """An update recipe has a ``target`` section, an eval recipe ``methods`` or ``benchmark``; else meta."""
     import yaml
 
     try:
         data = yaml.safe_load(Path(recipe).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return "meta"  # load_recipe then reports the file or YAML error with its line
-    return "update" if isinstance(data, dict) and "target" in data else "meta"
+    if not isinstance(data, dict):
+        return "meta"
+    if "target" in data:
+        return "update"
+    return "eval" if "methods" in data or "benchmark" in data else "meta"
 
 
 def _fail(e: Exception) -> None:
@@ -178,6 +183,40 @@ def update_cmd(recipe: Path, dry_run: bool, overrides: tuple[str, ...]) -> None:
     from ckl_toolkit.update import run_cli
 
     sys.exit(run_cli(str(recipe), overrides, dry_run))
+
+
+@main.command("eval")
+@click.option("--recipe", required=True, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@click.option("--report/--no-report", default=True, help="Write the markdown report and plots at the end.")
+@click.argument("overrides", nargs=-1)
+def eval_cmd(recipe: Path, dry_run: bool, report: bool, overrides: tuple[str, ...]) -> None:
+    """Run the benchmark for every method of the recipe; results.json (+ report.md, PNGs) in run_dir.
+
+    LAMA-ckl: finetune, lora, kadapter, mix_review, recadam, rho1, oracle, taalm and '+' combinations,
+    same data, seed and budget. A killed eval resumes at its first unfinished run. OVERRIDES: key=value.
+    """
+    from ckl_toolkit.eval_config import EvalRecipe
+
+    try:
+        r = load_recipe(EvalRecipe, recipe, overrides)
+    except ConfigError as e:
+        _fail(e)
+    if dry_run:
+        click.echo(to_yaml(r))
+        return
+    from ckl_toolkit.eval_run import run_eval
+
+    try:
+        run_eval(r)
+    except ConfigError as e:
+        _fail(e)
+    click.echo(f"results: {Path(r.run_dir) / 'results.json'}")
+    if report:
+        from ckl_toolkit.report import write_report
+
+        for path in write_report(r.run_dir):
+            click.echo(f"report: {path}")
 
 
 @main.command()

@@ -43,8 +43,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
+    """JSON, indented; ``sort_keys=False`` keeps insertion order where it means something (method order)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 @contextlib.contextmanager

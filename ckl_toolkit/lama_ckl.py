@@ -9,6 +9,7 @@ exact match (the whole object right), the clearer signal on small models.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,9 @@ from tqdm.auto import tqdm
 
 from ckl_toolkit.config import ConfigError, check_choices, fld, require
 from ckl_toolkit.evaluation import score_probes
-from ckl_toolkit.losses import target_mask, token_nll, weighted_loss
+from ckl_toolkit.losses import target_mask, token_nll
+from ckl_toolkit.methods import SourceWeigher, Weigher
+from ckl_toolkit.mix_review import MixReviewConfig, mix_epoch
 from ckl_toolkit.text import encode
 from ckl_toolkit.weighting import TextBatch, WeightSource
 
@@ -98,9 +101,9 @@ def _check_rows(rows: list[dict], name: str, probe_field: str) -> None:
 
 
 def train_epoch(
-    model, tokenizer, rows, source: WeightSource, optimizer, cfg: ProtocolConfig, epoch: int
+    model, tokenizer, rows, weigher: Weigher, optimizer, cfg: ProtocolConfig, epoch: int
 ) -> float:
-    """One pass over the evidence with the token-weighted loss; returns the mean loss."""
+    """One pass over ``rows`` (``evidence`` + ``object``, None for rehearsal) with the method's loss."""
     model.train()
     device = next(model.parameters()).device
     order = torch.randperm(
@@ -111,9 +114,10 @@ def train_epoch(
         batch_rows = [rows[j] for j in order[i : i + cfg.batch_size]]
         texts = [r["evidence"] for r in batch_rows]
         enc = encode(tokenizer, texts, cfg.max_length).to(device)
-        w = source.weights(TextBatch(enc, texts, [r["object"] for r in batch_rows])).to(device)  # (B, T-1)
         nll = token_nll(model, enc.input_ids, enc.attention_mask)  # (B, T-1)
-        loss = weighted_loss(nll, w, target_mask(enc.attention_mask), normalize=cfg.normalize)
+        batch = TextBatch(enc, texts, [r.get("object") for r in batch_rows])
+        w = weigher.weights(batch, nll.detach()).to(device)  # (B, T-1)
+        loss = weigher.loss(nll, w, target_mask(enc.attention_mask), cfg.normalize)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -121,15 +125,26 @@ def train_epoch(
     return sum(losses) / max(len(losses), 1)
 
 
+@dataclass
+class Rehearsal:
+    """Mix-review: the pool of older documents (``evidence`` rows) and how much of it each epoch replays."""
+
+    pool: list[dict]
+    config: MixReviewConfig
+
+
 def run_lama_ckl(
     model: torch.nn.Module,
     tokenizer,
     to_learn: list[dict],
     not_to_forget: list[dict],
-    source: WeightSource,
+    source: WeightSource | Weigher,
     cfg: ProtocolConfig,
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
+    rehearsal: Rehearsal | None = None,
+    on_epoch: Callable[[int, ProtocolResult], None] | None = None,
+    name: str | None = None,
 ) -> ProtocolResult:
     """Train ``model`` in place on the TO-LEARN evidence, weighting tokens by ``source``.
 
@@ -137,9 +152,14 @@ def run_lama_ckl(
         model: the target causal LM (a fresh copy per method).
         to_learn: LAMA-ckl rows with ``evidence``, ``object`` and the probe field.
         not_to_forget: rows the model already knows (probe field and ``object``).
-        source: the token-weight source (uniform, oracle, Train-Attention, ...).
+        source: the token-weight source (uniform, oracle, Train-Attention, ...) or a method's
+            ``Weigher`` (which also chooses the loss, e.g. RHO-1's).
         optimizer: defaults to AdamW(cfg.lr, cfg.weight_decay) on the trainable parameters.
+        rehearsal: mix-review; epoch e trains on TO-LEARN plus the pool draw of ``mix_epoch``.
+        on_epoch: called after every evaluation (epoch 0 = before training) with the result so far.
     """
+    weigher = source if hasattr(source, "loss") else SourceWeigher(source)
+    name = name or getattr(source, "name", "method")
     _check_rows(to_learn, "TO-LEARN", cfg.probe_field)
     _check_rows(not_to_forget, "NOT-TO-FORGET", cfg.probe_field)
     start = time.perf_counter()
@@ -155,11 +175,16 @@ def run_lama_ckl(
         result.to_learn_em.append(tl.em)
         result.not_to_forget.append(nf.acc if nf else 0.0)
         result.not_to_forget_em.append(nf.em if nf else 0.0)
+        if on_epoch is not None:
+            on_epoch(len(result.to_learn) - 1, result)
 
     record()  # epoch 0: before training
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"lama-ckl[{source.name}]", disable=not progress, leave=False)
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"lama-ckl[{name}]", disable=not progress, leave=False)
     for epoch in bar:
-        result.train_loss.append(train_epoch(model, tokenizer, to_learn, source, optimizer, cfg, epoch))
+        rows = to_learn
+        if rehearsal is not None:  # new + replayed rows; train_epoch shuffles them together
+            rows = mix_epoch(to_learn, rehearsal.pool, rehearsal.config, epoch - 1)
+        result.train_loss.append(train_epoch(model, tokenizer, rows, weigher, optimizer, cfg, epoch))
         record()
         bar.set_postfix(tl_em=f"{result.to_learn_em[-1]:.3f}", nf_em=f"{result.not_to_forget_em[-1]:.3f}")
     result.seconds = time.perf_counter() - start

@@ -31,10 +31,9 @@ import torch
 from ckl_toolkit.checkpoint import load_state, rng_state, save_checkpoint, save_state
 from ckl_toolkit.config import ConfigError, recipe_hash, to_yaml
 from ckl_toolkit.io import read_jsonl, write_json_atomic, write_jsonl_atomic
-from ckl_toolkit.losses import token_nll
+from ckl_toolkit.methods import Rho1Weigher
 from ckl_toolkit.mix_review import MixReviewConfig, mix_epoch
 from ckl_toolkit.nightly import current_version, list_versions, publish_version
-from ckl_toolkit.rho1 import rho1_weights
 from ckl_toolkit.streams import Document, DocumentLedger, DocumentStream
 from ckl_toolkit.ta_model import load_ta_model, load_ta_tokenizer
 from ckl_toolkit.targets import Target, build_target, export_target
@@ -184,15 +183,8 @@ def build_weigher(recipe: UpdateRecipe, target: Target, version: Path | None, de
         src, needs_text = _ta_source(recipe, target, device)
         return (lambda tb, nll: src.weights(tb)), needs_text
     # rho1: the reference is the model before this update, frozen (a second copy in memory).
-    ref = build_target(recipe.target, version, recipe.seed).model.to(device).eval().requires_grad_(False)
-
-    def rho1(tb: TextBatch, nll: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            ref_nll = token_nll(ref, tb.enc.input_ids, tb.enc.attention_mask)  # (B, T-1)
-        mask = tb.enc.attention_mask[:, 1:].bool() & tb.enc.attention_mask[:, :-1].bool()
-        return rho1_weights(nll, ref_nll, mask, recipe.weights.keep_ratio)
-
-    return rho1, False
+    ref = build_target(recipe.target, version, recipe.seed).model.to(device)
+    return Rho1Weigher(ref, recipe.weights.keep_ratio).weights, False
 
 
 # ---------------------------------------------------------------------------------------------
