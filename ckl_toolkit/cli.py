@@ -83,7 +83,7 @@ def demo(out: Path, quick: bool, seed: int, progress: bool) -> None:
 
 @main.group()
 def data() -> None:
-    """Data sets: the synthetic knowledge world."""
+    """Data sets: the synthetic knowledge world, the paper's LAMA-ckl release."""
 
 
 @data.command("synth")
@@ -265,6 +265,20 @@ def export(run_dir: Path, out: Path | None) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
     click.echo(f"exported {src} -> {out}")
 
+
+def _register() -> None:
+    """Commands defined next to their library code (report, weights, convert, data lama-ckl)."""
+    from ckl_toolkit.convert import convert_command
+    from ckl_toolkit.heatmap import weights_command
+    from ckl_toolkit.lama_data import lama_data_command
+    from ckl_toolkit.report import report_command
+
+    for cmd in (report_command, weights_command, convert_command):
+        main.add_command(cmd)
+    data.add_command(lama_data_command)
+
+
+_register()
 
 if __name__ == "__main__":
     main()

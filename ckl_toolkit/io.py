@@ -25,22 +25,40 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file through a temporary sibling and an atomic rename."""
+def shared_mode() -> int:
+    """0o666 minus the umask: the mode ``open()`` would give (mkstemp's temporaries are 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
+    """Yield a file object on a temporary sibling; on success fsync it and rename it onto ``path``.
+
+    A reader sees the old file or the whole new one, never half of it; a failure leaves no temporary.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, shared_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a file through a temporary sibling and an atomic rename."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> None:
