@@ -204,10 +204,19 @@ def _fingerprint(recipe: EvalRecipe) -> str:
 
 
 def _clean_metrics(run_dir: Path, done: set[str]) -> None:
-    """Drop the partial records of a run that was killed; finished runs keep theirs."""
+    """Drop the records of runs that did not finish (and a line torn by a kill); finished runs keep theirs."""
     path = run_dir / "metrics.jsonl"
-    if path.exists():
-        write_jsonl_atomic(path, [r for r in read_jsonl(path) if r.get("run") in done])
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # only a kill mid-append writes a partial line
+        if isinstance(record, dict) and record.get("run") in done:
+            kept.append(record)
+    write_jsonl_atomic(path, kept)
 
 
 def run_lama_benchmark(recipe: EvalRecipe) -> dict:
