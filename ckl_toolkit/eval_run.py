@@ -16,7 +16,7 @@ import platform
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -219,8 +219,16 @@ def _clean_metrics(run_dir: Path, done: set[str]) -> None:
     write_jsonl_atomic(path, kept)
 
 
-def run_lama_benchmark(recipe: EvalRecipe) -> dict:
-    start = time.perf_counter()
+@dataclass
+class RunSetup:
+    run_dir: Path
+    device: torch.device
+    fingerprint: str
+    done: dict[str, dict]  # run key -> summary of every run already finished with this fingerprint
+
+
+def start_run(recipe: EvalRecipe, keys: list[str]) -> RunSetup:
+    """What both benchmarks do first: run dir + resolved recipe, threads, device, finished runs."""
     run_dir = Path(recipe.run_dir)
     (run_dir / "runs").mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "recipe.yaml", to_yaml(recipe))
@@ -229,6 +237,30 @@ def run_lama_benchmark(recipe: EvalRecipe) -> dict:
     device = resolve_device(recipe.device)
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per method and lr is noise here
     fingerprint = _fingerprint(recipe)
+    done = {}
+    for key in keys:
+        saved = _read_json(run_dir / "runs" / f"{key}.json")
+        if saved.get("fingerprint") == fingerprint:
+            done[key] = saved
+    _clean_metrics(run_dir, set(done))
+    return RunSetup(run_dir, device, fingerprint, done)
+
+
+def load_ta(recipe: EvalRecipe, methods: list[Method], device: torch.device):
+    """The frozen TA model when a method needs one, else None."""
+    if not any(m.uses_ta for m in methods):
+        return None
+    from ckl_toolkit.ta_model import load_ta_model
+
+    return load_ta_model(recipe.ta).to(device)
+
+
+def run_lama_benchmark(recipe: EvalRecipe) -> dict:
+    start = time.perf_counter()
+    methods = [parse_method(m) for m in recipe.methods]
+    plan = [(m, lr) for m in methods for lr in recipe.lrs_of(m.name)]
+    setup = start_run(recipe, [run_key(m.name, lr) for m, lr in plan])
+    run_dir, device, done = setup.run_dir, setup.device, setup.done
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     ensure_pad_token(tokenizer)
@@ -236,28 +268,13 @@ def run_lama_benchmark(recipe: EvalRecipe) -> dict:
     base = load_base(recipe, device)
     not_to_forget = select_not_to_forget(recipe, base, tokenizer)
     del base
-    methods = [parse_method(m) for m in recipe.methods]
     data = {"tokenizer": tokenizer, "to_learn": to_learn, "not_to_forget": not_to_forget}
     if any(m.rehearsal for m in methods):
         data["rehearsal"] = rehearsal_pool(recipe, to_learn, not_to_forget)
     pool = f", rehearsal pool {len(data['rehearsal'])} documents" if "rehearsal" in data else ""
     print(f"TO-LEARN {len(to_learn)} facts, NOT-TO-FORGET {len(not_to_forget)} (re-selected){pool}")
 
-    ta = None
-    if any(m.uses_ta for m in methods):
-        from ckl_toolkit.ta_model import load_ta_model
-
-        ta = load_ta_model(recipe.ta).to(device)
-
-    plan = [(m, lr) for m in methods for lr in recipe.lrs_of(m.name)]
-    done = {}
-    for m, lr in plan:
-        path = run_dir / "runs" / f"{run_key(m.name, lr)}.json"
-        if path.exists():
-            saved = _read_json(path)
-            if saved.get("fingerprint") == fingerprint:
-                done[run_key(m.name, lr)] = saved
-    _clean_metrics(run_dir, set(done))
+    ta = load_ta(recipe, methods, device)
     for i, (m, lr) in enumerate(plan, 1):
         key = run_key(m.name, lr)
         if key in done:
@@ -272,7 +289,7 @@ def run_lama_benchmark(recipe: EvalRecipe) -> dict:
             }])  # fmt: skip
 
         summary = run_one(recipe, m, lr, data, device, ta, log)
-        summary["fingerprint"] = fingerprint
+        summary["fingerprint"] = setup.fingerprint
         write_json_atomic(run_dir / "runs" / f"{key}.json", summary)
         done[key] = summary
         print(f"[{i}/{len(plan)}] {key}: top EM {summary['top_em']:.3f}  NF EM {summary['nf_em']:.3f}  "

@@ -28,18 +28,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from ckl_toolkit.config import ConfigError, to_dict, to_yaml
+from ckl_toolkit.config import ConfigError, to_dict
 from ckl_toolkit.eval_config import EvalRecipe
-from ckl_toolkit.eval_run import (
-    _clean_metrics,
-    _fingerprint,
-    _read_json,
-    load_base,
-    machine_description,
-    resolve_device,
-    run_key,
-)
-from ckl_toolkit.io import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
+from ckl_toolkit.eval_run import load_base, load_ta, machine_description, run_key, start_run
+from ckl_toolkit.io import append_jsonl, read_jsonl, write_json_atomic
 from ckl_toolkit.lama_ckl import train_epoch
 from ckl_toolkit.losses import target_mask, token_nll_from_logits
 from ckl_toolkit.methods import Method, build_optimizer, build_trainable, build_weigher, parse_method
@@ -405,16 +397,6 @@ def run_method(ctx: Context, method: Method, lr: float, log) -> dict:
 # The whole benchmark.
 
 
-def _finished_runs(run_dir: Path, methods: list[Method], recipe: EvalRecipe, fingerprint: str) -> dict:
-    done = {}
-    for m in methods:
-        key = run_key(m.name, recipe.lr_of(m.name))
-        saved = _read_json(run_dir / "runs" / f"{key}.json")
-        if saved.get("fingerprint") == fingerprint:
-            done[key] = saved
-    return done
-
-
 def _stage_logger(run_dir: Path, key: str):
     def log(row: dict, train_loss: float | None, seconds: float) -> None:
         record = {"run": key, "stage": row["stage"], "probes": row["probes"], "train_loss": train_loss}
@@ -425,35 +407,20 @@ def _stage_logger(run_dir: Path, key: str):
     return log
 
 
-def _load_ta(recipe: EvalRecipe, methods: list[Method], device: torch.device):
-    if not any(m.uses_ta for m in methods):
-        return None
-    from ckl_toolkit.ta_model import load_ta_model
-
-    return load_ta_model(recipe.ta).to(device)
-
-
 def run_temporalwiki(recipe: EvalRecipe) -> dict:
     """Every method of the recipe through the TemporalWiki periods; writes and returns results.json."""
     start = time.perf_counter()
     if recipe.sweep.lrs:
         raise ConfigError("sweep.lrs: the equal-NOT-TO-FORGET sweep is LAMA-ckl only; leave it empty")
-    run_dir = Path(recipe.run_dir)
-    (run_dir / "runs").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "recipe.yaml", to_yaml(recipe))
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-    device = resolve_device(recipe.device)
     methods = [parse_method(m) for m in recipe.methods]
+    setup = start_run(recipe, [run_key(m.name, recipe.lr_of(m.name)) for m in methods])
+    run_dir, device, fingerprint, done = setup.run_dir, setup.device, setup.fingerprint, setup.done
     data = load_data(recipe, methods)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     ensure_pad_token(tokenizer)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in data.probe_sets.items())
     print(f"TemporalWiki: periods {data.periods}; documents {[len(d) for d in data.stream]}; probes {sizes}")
 
-    fingerprint = _fingerprint(recipe)
-    done = _finished_runs(run_dir, methods, recipe, fingerprint)
-    _clean_metrics(run_dir, set(done))
     ctx = Context(recipe, data, tokenizer, device)
     for i, m in enumerate(methods, 1):
         key = run_key(m.name, recipe.lr_of(m.name))
@@ -461,7 +428,7 @@ def run_temporalwiki(recipe: EvalRecipe) -> dict:
             print(f"[{i}/{len(methods)}] {key}: done earlier, kept")
             continue
         if m.uses_ta and ctx.ta is None:
-            ctx.ta = _load_ta(recipe, methods, device)
+            ctx.ta = load_ta(recipe, methods, device)
         summary = run_method(ctx, m, recipe.lr_of(m.name), _stage_logger(run_dir, key))
         summary["fingerprint"] = fingerprint
         write_json_atomic(run_dir / "runs" / f"{key}.json", summary)

@@ -155,7 +155,9 @@ def test_adapter_methods_leave_the_base_weights_unchanged(tiny_lm_dir, name):
 def test_finetune_moves_the_base_weights(tiny_lm_dir):
     method, base, model, weigher, opt = _setup(tiny_lm_dir, "finetune")
     before = _base_state(base)
-    train_epoch(model, AutoTokenizer.from_pretrained(tiny_lm_dir), TO_LEARN, weigher, opt, ProtocolConfig(), 1)
+    train_epoch(
+        model, AutoTokenizer.from_pretrained(tiny_lm_dir), TO_LEARN, weigher, opt, ProtocolConfig(), 1
+    )
     assert not all(torch.equal(before[n], p) for n, p in base.named_parameters())
 
 
