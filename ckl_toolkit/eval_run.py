@@ -77,11 +77,16 @@ def load_to_learn(recipe: EvalRecipe) -> list[dict]:
 
 
 def select_not_to_forget(recipe: EvalRecipe, model, tokenizer) -> list[dict]:
-    """The candidates this model completes exactly before training (cached in run_dir for resumes)."""
-    cache = Path(recipe.run_dir) / "not_to_forget.jsonl"
+    """The candidates this model completes exactly before training (cached in run_dir for resumes).
+
+    The cache is keyed by what the selection depends on, so a changed model, data dir, probe or
+    limit selects again instead of reusing another setting's facts.
+    """
+    probe = recipe.protocol.probe_field
+    key = recipe_hash({"model": to_dict(recipe.model), "data": to_dict(recipe.data), "probe": probe})
+    cache = Path(recipe.run_dir) / f"not_to_forget.{key[:12]}.jsonl"
     if cache.exists():
         return read_jsonl(cache)
-    probe = recipe.protocol.probe_field
     path = _data_file(recipe, "not_to_forget_candidates.jsonl", "nf_candidates.jsonl")
     rows = [r for r in read_jsonl(path, required=("object",)) if r.get(probe)]
     known = select_known(model, tokenizer, rows, probe_field=probe, limit=recipe.data.nf_limit or None)

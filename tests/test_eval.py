@@ -283,3 +283,16 @@ def test_equal_nf_view_picks_the_best_top_em_among_lrs_that_keep_nf(tmp_path, ti
     assert view["target"]["value"] == 0.80
     assert view["methods"]["oracle"]["top_em"] == 0.6 and view["methods"]["oracle"]["meets_target"]
     assert view["methods"]["finetune"]["top_em"] == 0.3
+
+
+def test_not_to_forget_cache_is_keyed_by_what_selects_it(tmp_path, tiny_lm_dir):
+    """A changed probe field re-selects NOT-TO-FORGET instead of reusing the other probe's facts."""
+    from ckl_toolkit.eval_run import select_not_to_forget
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    path = _write_recipe(tmp_path, _recipe(tmp_path, tiny_lm_dir))
+    for probe in ("task_descriptive", "task_schematic", "task_descriptive"):
+        recipe = load_recipe(EvalRecipe, path, [f"protocol.probe_field={probe}"])
+        select_not_to_forget(recipe, model, tok)
+    assert len(list((tmp_path / "run").glob("not_to_forget.*.jsonl"))) == 2
