@@ -38,7 +38,7 @@ def _rows(pairs, relation: str, verb: str) -> list[dict]:
     return [
         {
             "uuid": f"{relation}-{i}", "subject": s, "relation_code": relation, "object": o,
-            "evidence": f"The weather in Paris is mild . {s} {verb} {o} . The river Seine flows through Paris .",
+            "evidence": f"The weather in Paris is mild . {s} {verb} {o} . The river Seine flows .",
             "task_descriptive": f"{s} {verb} {o}",
         }
         for i, (s, o) in enumerate(pairs)
