@@ -31,12 +31,12 @@ from transformers import AutoTokenizer
 from ckl_toolkit.config import ConfigError, to_dict
 from ckl_toolkit.eval_config import EvalRecipe
 from ckl_toolkit.eval_run import load_base, load_ta, machine_description, run_key, start_run
+from ckl_toolkit.evaluation import score_probes
 from ckl_toolkit.io import append_jsonl, read_jsonl, write_json_atomic
 from ckl_toolkit.lama_ckl import train_epoch
-from ckl_toolkit.losses import target_mask, token_nll_from_logits
 from ckl_toolkit.methods import Method, build_optimizer, build_trainable, build_weigher, parse_method
 from ckl_toolkit.mix_review import MixReviewConfig, mix_epoch
-from ckl_toolkit.text import encode, ensure_pad_token, object_target_mask
+from ckl_toolkit.text import ensure_pad_token
 
 TRIPLE_PROBE = "{subject} {relation} {object}"  # TemporalWiki's own rendering: the object is last
 STREAM_SENTENCE = "The {relation} of {subject} is {object}."  # substitute training sentence
@@ -250,52 +250,29 @@ def load_data(recipe: EvalRecipe, methods: list[Method]) -> TemporalWikiData:
 # Scoring.
 
 
-@torch.no_grad()
 def score_probe_set(
     model: torch.nn.Module, tokenizer, probes: list[str], objects: list[str], batch_size: int = 64
 ) -> dict:
-    """One pass over a probe set: object-token NLL / accuracy / exact match and whole-probe perplexity.
+    """One cell of the stage matrix: object-token NLL / accuracy / exact match, whole-probe perplexity.
 
-    The object metrics are those of ``evaluation.score_probes`` (the object's last occurrence; a
-    probe whose object is missing counts as wrong and is left out of the NLL mean). ``ppl`` is the
-    corpus perplexity exp(Σ NLL / #tokens) over every target token of every probe, i.e. all tokens
-    but the first (the BOS, when the tokenizer adds one).
+    All from one ``evaluation.score_probes`` pass (the object's last occurrence). A probe whose object
+    is missing counts as wrong and is left out of the NLL mean; ``ppl`` covers every target token of
+    every probe, i.e. all tokens but the first (the BOS, when the tokenizer adds one).
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    acc, exact, obj_nll = [], [], []
-    total_nll, total_tokens = 0.0, 0
-    for i in range(0, len(probes), batch_size):
-        texts, objs = probes[i : i + batch_size], objects[i : i + batch_size]
-        enc = encode(tokenizer, texts, PROBE_MAX_LENGTH).to(device)
-        obj_mask = object_target_mask(enc, texts, objs, which="last").to(device)  # (B, T-1)
-        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False).logits
-        nll = token_nll_from_logits(logits, enc.input_ids, enc.attention_mask)  # (B, T-1), 0 on padding
-        tokens = target_mask(enc.attention_mask)  # (B, T-1)
-        total_nll += float(nll[tokens].sum())
-        total_tokens += int(tokens.sum())
-        correct = logits[:, :-1].argmax(-1) == enc.input_ids[:, 1:]  # (B, T-1)
-        for b in range(len(texts)):
-            m = obj_mask[b]
-            if not m.any():
-                acc.append(0.0)
-                exact.append(False)
-                continue
-            acc.append(float(correct[b][m].float().mean()))
-            exact.append(bool(correct[b][m].all()))
-            obj_nll.append(float(nll[b][m].mean()))
-    model.train(was_training)
+    scores = score_probes(
+        model, tokenizer, probes, objects, batch_size=batch_size, max_length=PROBE_MAX_LENGTH
+    )
+    found = scores.found_object_nll
     n = len(probes)
     cell = {
-        "nll": sum(obj_nll) / len(obj_nll) if obj_nll else math.nan,
-        "ppl": math.exp(min(total_nll / max(total_tokens, 1), 700.0)),
-        "acc": sum(acc) / max(n, 1),
-        "em": sum(exact) / max(n, 1),
+        "nll": sum(found) / len(found) if found else math.nan,
+        "ppl": scores.ppl,
+        "acc": scores.acc,
+        "em": scores.em,
         "n": n,
     }
-    if len(obj_nll) < n:
-        cell["missing_object"] = n - len(obj_nll)
+    if len(found) < n:
+        cell["missing_object"] = n - len(found)
     return cell
 
 
