@@ -142,28 +142,29 @@ def run_key(method: str, lr: float) -> str:
     return f"{method}@{lr:g}"
 
 
-def run_one(recipe, method: Method, lr: float, data: dict, device, ta, log) -> dict:
-    """A fresh model for ``method``, trained and scored by the protocol; returns its summary."""
-    torch.manual_seed(recipe.seed)  # the same LoRA / adapter init for every lr of a method
+def build_learner(recipe: EvalRecipe, method: Method, lr: float, device, ta):
+    """A fresh model for ``method``, its weigher, and the protocol settings at ``lr`` (both benchmarks)."""
+    torch.manual_seed(recipe.seed)  # the same LoRA / adapter init for every method and lr
     base = load_base(recipe, device)
     model = build_trainable(method, base, recipe.lora, recipe.kadapter.build()).to(device)
+    # RHO-1's reference: the model before any update, frozen (a second copy in memory)
     reference = load_base(recipe, device) if method.weights == "rho1" else None
     weigher = build_weigher(method, ta=ta, reference=reference, keep_ratio=recipe.rho1_keep_ratio)
-    cfg = recipe.protocol
-    optimizer = build_optimizer(method, model, lr, cfg.weight_decay, recipe.recadam.build())
+    protocol = type(recipe.protocol)(**{**to_dict(recipe.protocol), "lr": lr})
+    return model, weigher, protocol
+
+
+def run_one(recipe, method: Method, lr: float, data: dict, device, ta, log) -> dict:
+    """A fresh model for ``method``, trained and scored by the protocol; returns its summary."""
+    model, weigher, protocol = build_learner(recipe, method, lr, device, ta)
+    optimizer = build_optimizer(method, model, lr, protocol.weight_decay, recipe.recadam.build())
     rehearsal = None
     if method.rehearsal:
         mix = MixReviewConfig(recipe.mix_review.mix_ratio, recipe.mix_review.mix_decay, recipe.seed)
         rehearsal = Rehearsal(data["rehearsal"], mix)
-    protocol = type(cfg)(**{**to_dict(cfg), "lr": lr})
-
-    def on_epoch(epoch: int, res) -> None:
-        log(epoch, res)
-
     result = run_lama_ckl(
         model, data["tokenizer"], data["to_learn"], data["not_to_forget"], weigher, protocol,
-        optimizer=optimizer, progress=recipe.progress, rehearsal=rehearsal, on_epoch=on_epoch,
-        name=method.name,
+        optimizer=optimizer, progress=recipe.progress, rehearsal=rehearsal, on_epoch=log, name=method.name,
     )  # fmt: skip
     summary = result.summary()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -30,11 +30,11 @@ from transformers import AutoTokenizer
 
 from ckl_toolkit.config import ConfigError, to_dict
 from ckl_toolkit.eval_config import EvalRecipe
-from ckl_toolkit.eval_run import load_base, load_ta, machine_description, run_key, start_run
+from ckl_toolkit.eval_run import build_learner, load_ta, machine_description, run_key, start_run
 from ckl_toolkit.evaluation import score_probes
 from ckl_toolkit.io import append_jsonl, read_jsonl, write_json_atomic
 from ckl_toolkit.lama_ckl import train_epoch
-from ckl_toolkit.methods import Method, build_optimizer, build_trainable, build_weigher, parse_method
+from ckl_toolkit.methods import Method, build_optimizer, parse_method
 from ckl_toolkit.mix_review import MixReviewConfig, mix_epoch
 from ckl_toolkit.text import ensure_pad_token
 
@@ -331,13 +331,8 @@ def run_method(ctx: Context, method: Method, lr: float, log) -> dict:
     """A fresh model trained period after period; ``after`` holds the scores of every stage."""
     recipe, data = ctx.recipe, ctx.data
     start = time.perf_counter()
-    torch.manual_seed(recipe.seed)  # the same LoRA / adapter init for every method
-    model = build_trainable(method, load_base(recipe, ctx.device), recipe.lora, recipe.kadapter.build())
-    model = model.to(ctx.device)
     # RHO-1's reference is the model before all periods (the served model the refreshes start from)
-    reference = load_base(recipe, ctx.device) if method.weights == "rho1" else None
-    weigher = build_weigher(method, ta=ctx.ta, reference=reference, keep_ratio=recipe.rho1_keep_ratio)
-    cfg = type(recipe.protocol)(**{**to_dict(recipe.protocol), "lr": lr})
+    model, weigher, cfg = build_learner(recipe, method, lr, ctx.device, ctx.ta)
     eval_bs = cfg.eval_batch_size
 
     after = [{"stage": "base", "probes": evaluate_stage(model, ctx.tokenizer, data.probe_sets, eval_bs)}]
