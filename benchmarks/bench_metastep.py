@@ -36,8 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.reference_metagrad and an uninstalled ckl_toolkit
 
-from ckl_toolkit.metagrad import InnerStepConfig, MetaGradConfig, meta_gradient  # noqa: E402
 from tests.reference_metagrad import reference_meta_gradient  # noqa: E402
+
+from ckl_toolkit.metalearn.metagrad import InnerStepConfig, MetaGradConfig, meta_gradient  # noqa: E402
 
 # name -> (method, mode, attention). jvp and the double backward need eager attention on CPU;
 # central differences take any kernel, so they run with SDPA as a user would.

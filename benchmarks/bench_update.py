@@ -39,12 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ckl_toolkit.config import load_recipe  # noqa: E402
-from ckl_toolkit.ta_model import build_ta_model, save_ta_model  # noqa: E402
-from ckl_toolkit.tokenizer import train_bpe_tokenizer  # noqa: E402
+from ckl_toolkit.core.config import load_recipe  # noqa: E402
+from ckl_toolkit.core.ta_model import build_ta_model, save_ta_model  # noqa: E402
+from ckl_toolkit.data.tokenizer import train_bpe_tokenizer  # noqa: E402
+from ckl_toolkit.nightly.config import UpdateRecipe  # noqa: E402
+from ckl_toolkit.nightly.run import read_metrics  # noqa: E402
 from ckl_toolkit.update import update  # noqa: E402
-from ckl_toolkit.update_config import UpdateRecipe  # noqa: E402
-from ckl_toolkit.update_run import read_metrics  # noqa: E402
 
 SIZES = {  # target ~7M parameters (vocab 4096); the 1/8 TA ~0.9M
     "full": {"vocab": 4096, "hidden": 256, "layers": 6, "ta_hidden": 128, "ta_layers": 2, "docs": 64,

@@ -47,7 +47,7 @@ def build_model_dir(path: Path, size: dict) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ckl_toolkit.tokenizer import train_bpe_tokenizer
+    from ckl_toolkit.data.tokenizer import train_bpe_tokenizer
 
     texts = [f"Person {i} works for company {i % 7} and lives in city {i % 11} ." for i in range(400)]
     tok = train_bpe_tokenizer(texts, vocab_size=size["vocab"])
@@ -95,7 +95,9 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: build like meta.py, time the meta-steps, write this rank's JSON."""
     import torch
 
-    from ckl_toolkit.config import load_recipe
+    from ckl_toolkit.core.config import load_recipe
+    from ckl_toolkit.core.models import load_causal_lm, trainable_parameters
+    from ckl_toolkit.core.ta_model import build_ta_model
     from ckl_toolkit.distributed import (
         check_recipe,
         episode_slice,
@@ -106,10 +108,8 @@ def worker(args: argparse.Namespace) -> None:
         ta_engine,
     )
     from ckl_toolkit.meta import build_optimizer, make_episode_batch
-    from ckl_toolkit.meta_config import MetaRecipe
-    from ckl_toolkit.metagrad import meta_gradient
-    from ckl_toolkit.models import load_causal_lm, trainable_parameters
-    from ckl_toolkit.ta_model import build_ta_model
+    from ckl_toolkit.metalearn.config import MetaRecipe
+    from ckl_toolkit.metalearn.metagrad import meta_gradient
 
     size = SIZES[args.size]
     overrides = [

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import click
 
-from ckl_toolkit.config import ConfigError, describe, from_dict, load_recipe, parse_overrides, to_yaml
+from ckl_toolkit.core.config import ConfigError, describe, from_dict, load_recipe, parse_overrides, to_yaml
 
 EXIT_BAD_INPUT = 2
 
 JOBS = {
-    "meta": ("ckl_toolkit.meta_config", "MetaRecipe"),
-    "update": ("ckl_toolkit.update_config", "UpdateRecipe"),
-    "eval": ("ckl_toolkit.eval_config", "EvalRecipe"),
+    "meta": ("ckl_toolkit.metalearn.config", "MetaRecipe"),
+    "update": ("ckl_toolkit.nightly.config", "UpdateRecipe"),
+    "eval": ("ckl_toolkit.evaluation.config", "EvalRecipe"),
 }
 
 
@@ -93,7 +93,7 @@ def data() -> None:
 @click.argument("overrides", nargs=-1)
 def data_synth(out: Path, quick: bool, seed: int, overrides: tuple[str, ...]) -> None:
     """Write a synthetic world (pretraining corpus, LAMA-ckl files, meta pairs). OVERRIDES: key=value."""
-    from ckl_toolkit.world import WorldConfig, build_world, write_world
+    from ckl_toolkit.data.world import WorldConfig, build_world, write_world
 
     try:
         cfg = _apply(WorldConfig.quick(seed) if quick else WorldConfig.default(seed), overrides, "world")
@@ -112,8 +112,8 @@ def data_synth(out: Path, quick: bool, seed: int, overrides: tuple[str, ...]) ->
 @click.argument("overrides", nargs=-1)
 def pretrain(world_dir: Path, out: Path, quick: bool, seed: int, overrides: tuple[str, ...]) -> None:
     """Pretrain a tiny Llama (and its BPE tokenizer) from scratch on a world's corpus."""
-    from ckl_toolkit.pretrain import PretrainConfig
-    from ckl_toolkit.pretrain import pretrain as run_pretrain
+    from ckl_toolkit.data.pretrain import PretrainConfig
+    from ckl_toolkit.data.pretrain import pretrain as run_pretrain
 
     try:
         base = PretrainConfig.quick(seed=seed) if quick else PretrainConfig.default(seed=seed)
@@ -142,7 +142,7 @@ def meta_train_cmd(
 ) -> None:
     """Meta-train a Train-Attention model (one process, or --nproc ranks). OVERRIDES: key=value."""
     from ckl_toolkit.distributed import check_recipe, launch_command
-    from ckl_toolkit.meta_config import MetaRecipe
+    from ckl_toolkit.metalearn.config import MetaRecipe
 
     try:
         r = load_recipe(MetaRecipe, recipe, overrides)
@@ -196,7 +196,7 @@ def eval_cmd(recipe: Path, dry_run: bool, report: bool, overrides: tuple[str, ..
     LAMA-ckl: finetune, lora, kadapter, mix_review, recadam, rho1, oracle, taalm and '+' combinations,
     same data, seed and budget. A killed eval resumes at its first unfinished run. OVERRIDES: key=value.
     """
-    from ckl_toolkit.eval_config import EvalRecipe
+    from ckl_toolkit.evaluation.config import EvalRecipe
 
     try:
         r = load_recipe(EvalRecipe, recipe, overrides)
@@ -205,7 +205,7 @@ def eval_cmd(recipe: Path, dry_run: bool, report: bool, overrides: tuple[str, ..
     if dry_run:
         click.echo(to_yaml(r))
         return
-    from ckl_toolkit.eval_run import run_eval
+    from ckl_toolkit.evaluation.runner import run_eval
 
     try:
         run_eval(r)
@@ -213,7 +213,7 @@ def eval_cmd(recipe: Path, dry_run: bool, report: bool, overrides: tuple[str, ..
         _fail(e)
     click.echo(f"results: {Path(r.run_dir) / 'results.json'}")
     if report:
-        from ckl_toolkit.report import write_report
+        from ckl_toolkit.evaluation.report import write_report
 
         for path in write_report(r.run_dir):
             click.echo(f"report: {path}")
@@ -251,9 +251,9 @@ def fields(job: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: RUN/export/ta")
 def export(run_dir: Path, out: Path | None) -> None:
     """Export a meta-training run's TA model (latest checkpoint) as safetensors + sidecar."""
-    from ckl_toolkit.checkpoint import latest_checkpoint
-    from ckl_toolkit.io import atomic_dir
-    from ckl_toolkit.ta_model import load_ta_model
+    from ckl_toolkit.core.checkpoint import latest_checkpoint
+    from ckl_toolkit.core.io import atomic_dir
+    from ckl_toolkit.core.ta_model import load_ta_model
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     src = ckpt / "ta" if ckpt else run_dir / "ta"
@@ -268,10 +268,10 @@ def export(run_dir: Path, out: Path | None) -> None:
 
 def _register() -> None:
     """Commands defined next to their library code (report, weights, convert, data lama-ckl)."""
-    from ckl_toolkit.convert import convert_command
-    from ckl_toolkit.heatmap import weights_command
-    from ckl_toolkit.lama_data import lama_data_command
-    from ckl_toolkit.report import report_command
+    from ckl_toolkit.data.lama_ckl import lama_data_command
+    from ckl_toolkit.data.smollm2 import convert_command
+    from ckl_toolkit.evaluation.heatmap import weights_command
+    from ckl_toolkit.evaluation.report import report_command
 
     for cmd in (report_command, weights_command, convert_command):
         main.add_command(cmd)

@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ckl_toolkit.config import load_recipe, to_dict
-from ckl_toolkit.io import read_jsonl, write_json_atomic
-from ckl_toolkit.lama_ckl import ProtocolConfig, run_lama_ckl
+from ckl_toolkit.core.config import load_recipe, to_dict
+from ckl_toolkit.core.io import read_jsonl, write_json_atomic
+from ckl_toolkit.core.ta_model import load_ta_model
+from ckl_toolkit.data.pretrain import PretrainConfig, pretrain
+from ckl_toolkit.data.world import WorldConfig, build_world, select_known, write_world
+from ckl_toolkit.evaluation.lama_ckl import ProtocolConfig, run_lama_ckl
 from ckl_toolkit.meta import meta_train
-from ckl_toolkit.meta_config import MetaRecipe
-from ckl_toolkit.pretrain import PretrainConfig, pretrain
-from ckl_toolkit.ta_model import load_ta_model
-from ckl_toolkit.weighting import OracleWeights, TrainAttentionWeights, UniformWeights
-from ckl_toolkit.world import WorldConfig, build_world, select_known, write_world
+from ckl_toolkit.metalearn.config import MetaRecipe
+from ckl_toolkit.training.weighting import OracleWeights, TrainAttentionWeights, UniformWeights
 
 
 @dataclass

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckl_toolkit.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, save_state
-from ckl_toolkit.checkpoint import set_rng_state as _set_rng_state
-from ckl_toolkit.config import ConfigError, check_choices, fld, require
+from ckl_toolkit.core.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, save_state
+from ckl_toolkit.core.checkpoint import set_rng_state as _set_rng_state
+from ckl_toolkit.core.config import ConfigError, check_choices, fld, require
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = ROOT / "ds_configs"
@@ -437,7 +437,7 @@ def load_partitioned_base(spec, ctx: DistContext, seed: int) -> tuple[nn.Module,
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    from ckl_toolkit.models import DTYPES
+    from ckl_toolkit.core.models import DTYPES
 
     require(bool(spec.path), "base.path", "a model directory is required")
     cfg = base_ds_config(ctx.ds_config, spec.dtype)
@@ -514,7 +514,7 @@ def consolidated_ta(engine, ctx: DistContext):
     """
     from transformers import AutoModel
 
-    from ckl_toolkit.ta_model import TrainAttentionModel
+    from ckl_toolkit.core.ta_model import TrainAttentionModel
 
     ta = engine.module
     if ctx.zero_stage == 3:
@@ -583,7 +583,7 @@ def save_checkpoint_distributed(
     and the ``latest`` pointer happen after a barrier, so ``latest`` never names a step that some
     rank has not finished. ``run_dir`` must be on a filesystem every node shares.
     """
-    from ckl_toolkit.ta_model import save_ta_model
+    from ckl_toolkit.core.ta_model import save_ta_model
 
     full = consolidated_ta(engine, ctx)  # collective
 
@@ -620,7 +620,7 @@ def save_checkpoint_distributed(
 
 def resume_distributed(ckpt_root: Path, engine, ctx: DistContext, recipe_hash: str, resume: str) -> int:
     """Load the latest complete checkpoint into the engine and RNG; return the step to continue from."""
-    from ckl_toolkit.ta_model import load_ta_model
+    from ckl_toolkit.core.ta_model import load_ta_model
 
     name = broadcast_object(ctx, getattr(latest_checkpoint(ckpt_root), "name", None) if ctx.is_main else None)
     if name is None:
@@ -664,6 +664,6 @@ def save_effective_config(run_dir: Path, ctx: DistContext) -> None:
     if ctx.is_main and ctx.ds_config is not None:
         text = json.dumps(ctx.ds_config, indent=2, sort_keys=True)
         print0(f"DeepSpeed config ({ctx.world} rank{'s' if ctx.world > 1 else ''}):\n{text}")
-        from ckl_toolkit.io import write_text_atomic
+        from ckl_toolkit.core.io import write_text_atomic
 
         write_text_atomic(run_dir / "ds_config.json", text + "\n")

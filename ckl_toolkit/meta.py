@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ckl_toolkit.checkpoint import (
+from ckl_toolkit.core.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
     load_state,
@@ -43,7 +43,11 @@ from ckl_toolkit.checkpoint import (
     save_state,
     set_rng_state,
 )
-from ckl_toolkit.config import ConfigError, load_recipe, recipe_hash, to_yaml
+from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, to_yaml
+from ckl_toolkit.core.io import MetricsLogger, read_jsonl, write_text_atomic
+from ckl_toolkit.core.models import load_causal_lm, trainable_parameters
+from ckl_toolkit.core.ta_model import TrainAttentionModel, build_ta_model, load_ta_model, save_ta_model
+from ckl_toolkit.core.text import encode, object_target_mask
 from ckl_toolkit.distributed import (
     DistContext,
     barrier,
@@ -60,14 +64,10 @@ from ckl_toolkit.distributed import (
     shutdown,
     ta_engine,
 )
-from ckl_toolkit.io import MetricsLogger, read_jsonl, write_text_atomic
-from ckl_toolkit.lama_ckl import ProtocolConfig, run_lama_ckl
-from ckl_toolkit.meta_config import MetaRecipe
-from ckl_toolkit.metagrad import meta_gradient
-from ckl_toolkit.models import load_causal_lm, trainable_parameters
-from ckl_toolkit.ta_model import TrainAttentionModel, build_ta_model, load_ta_model, save_ta_model
-from ckl_toolkit.text import encode, object_target_mask
-from ckl_toolkit.weighting import TrainAttentionWeights
+from ckl_toolkit.evaluation.lama_ckl import ProtocolConfig, run_lama_ckl
+from ckl_toolkit.metalearn.config import MetaRecipe
+from ckl_toolkit.metalearn.metagrad import meta_gradient
+from ckl_toolkit.training.weighting import TrainAttentionWeights
 
 PAIR_FIELDS = ("text", "task", "object")
 

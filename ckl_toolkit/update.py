@@ -15,21 +15,29 @@ Exit codes: ``nightly.ExitCode``. DESIGN §8 is the contract this loop keeps.
 
 from __future__ import annotations
 
+import os
+import sys
+
+if not __package__:  # run as a script: sys.path[0] is ckl_toolkit/, whose subpackages (data, core, ...)
+    # would be importable as top-level modules; import the package from the repository root instead.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 import json
 import logging
 import math
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ckl_toolkit.checkpoint import latest_checkpoint
-from ckl_toolkit.config import ConfigError, load_recipe, to_yaml
+from ckl_toolkit.core.checkpoint import latest_checkpoint
+from ckl_toolkit.core.config import ConfigError, load_recipe, to_yaml
+from ckl_toolkit.core.io import MetricsLogger, write_json_atomic, write_text_atomic
+from ckl_toolkit.core.losses import target_mask, token_nll, weighted_loss
+from ckl_toolkit.core.text import Encoded
 from ckl_toolkit.distributed import (
     DistContext,
     broadcast_object,
@@ -37,18 +45,16 @@ from ckl_toolkit.distributed import (
     launched_world_size,
     shutdown,
 )
-from ckl_toolkit.io import MetricsLogger, write_json_atomic, write_text_atomic
-from ckl_toolkit.losses import target_mask, token_nll, weighted_loss
-from ckl_toolkit.nightly import ExitCode, LockedError, NonFiniteGuard, RunLock, current_version, exit_code_for
-from ckl_toolkit.recadam import RecAdam
-from ckl_toolkit.rho1 import rho1_loss
-from ckl_toolkit.streams import DocumentLedger, StreamStats, batches
-from ckl_toolkit.targets import build_target, check_target_runtime, check_version_kind
-from ckl_toolkit.text import Encoded
-from ckl_toolkit.token_align import row_text_batch
-from ckl_toolkit.update_config import UpdateRecipe
-from ckl_toolkit.update_engine import DeepSpeedEngine, PlainEngine, resolve_update_ds_config
-from ckl_toolkit.update_run import (
+from ckl_toolkit.nightly.config import UpdateRecipe
+from ckl_toolkit.nightly.contract import (
+    ExitCode,
+    LockedError,
+    NonFiniteGuard,
+    RunLock,
+    current_version,
+    exit_code_for,
+)
+from ckl_toolkit.nightly.run import (
     LEDGER_FILE,
     build_weigher,
     collect_plan,
@@ -62,7 +68,13 @@ from ckl_toolkit.update_run import (
     save_step,
     versions_info,
 )  # fmt: skip
-from ckl_toolkit.weighting import TextBatch
+from ckl_toolkit.nightly.streams import DocumentLedger, StreamStats, batches
+from ckl_toolkit.training.engine import DeepSpeedEngine, PlainEngine, resolve_update_ds_config
+from ckl_toolkit.training.recadam import RecAdam
+from ckl_toolkit.training.rho1 import rho1_loss
+from ckl_toolkit.training.targets import build_target, check_target_runtime, check_version_kind
+from ckl_toolkit.training.token_align import row_text_batch
+from ckl_toolkit.training.weighting import TextBatch
 
 logger = logging.getLogger("ckl_toolkit.update")
 

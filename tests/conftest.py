@@ -43,7 +43,7 @@ def build_tiny_lm_dir(path, vocab_size: int = 300, hidden: int = 32, layers: int
     """A random tiny LlamaForCausalLM and a BPE tokenizer trained on a few sentences."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ckl_toolkit.tokenizer import train_bpe_tokenizer
+    from ckl_toolkit.data.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(TINY_TEXTS, vocab_size=vocab_size)
     torch.manual_seed(seed)

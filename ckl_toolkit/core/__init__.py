@@ -1,0 +1,4 @@
+"""Core blocks every job uses.
+
+Typed recipes, atomic IO, checkpoints, losses, text spans, models, the TA model.
+"""

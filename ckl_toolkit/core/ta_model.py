@@ -1,0 +1,128 @@
+"""The Train-Attention (TA) model φ: a causal-LM trunk with a hidden->1 sigmoid head (DESIGN §4).
+
+Saved as a directory:
+  model.safetensors   trunk.* and head.* tensors
+  ta_config.json      the sidecar: trunk config, tokenizer identity, recipe hash, format version
+  tokenizer files     so the directory is self-contained
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from ckl_toolkit.core.io import atomic_dir, write_json_atomic
+
+FORMAT = "ckl-train-attention-v1"
+HEAD_BIAS_INIT = 4.0  # sigma(4) ~ 0.98: training starts near uniform fine-tuning
+
+
+class TrainAttentionModel(nn.Module):
+    """Predicts one weight in (0, 1) per token from the trunk's causal hidden state."""
+
+    def __init__(self, trunk: nn.Module, hidden_size: int):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(hidden_size, 1)
+        # Weight 0 and bias 4: every token starts at the same weight, sigma(4).
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, HEAD_BIAS_INIT)
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Returns (B, T) weights; position t weights target token x_t (use ``w[:, 1:]``)."""
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return torch.sigmoid(self.head(hidden.to(self.head.weight.dtype)).squeeze(-1))  # (B, T)
+
+
+def _truncated_config(model_dir: str | os.PathLike, num_layers: int | None, attn_implementation: str | None):
+    config = AutoConfig.from_pretrained(model_dir)
+    if num_layers is not None:
+        if num_layers < 1 or num_layers > config.num_hidden_layers:
+            raise ValueError(
+                f"ta.num_layers={num_layers}: must be between 1 and the trunk's "
+                f"{config.num_hidden_layers} layers ({model_dir})"
+            )
+        config.num_hidden_layers = num_layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:num_layers]
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    return config
+
+
+def build_ta_model(
+    model_dir: str | os.PathLike,
+    num_layers: int | None = None,
+    attn_implementation: str | None = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> TrainAttentionModel:
+    """Build φ from any HF causal-LM directory, keeping its first ``num_layers`` layers (all if None).
+
+    The LM head is dropped (AutoModel loads the bare trunk) and replaced by Linear(hidden, 1).
+    """
+    config = _truncated_config(model_dir, num_layers, attn_implementation)
+    trunk = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)
+    return TrainAttentionModel(trunk, config.hidden_size).to(dtype)
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """Name, size and a hash of the vocabulary: enough to tell two tokenizers apart."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+    return {"name_or_path": str(tokenizer.name_or_path), "vocab_size": len(vocab), "vocab_sha256_16": digest}
+
+
+def save_ta_model(
+    model: TrainAttentionModel, out_dir: str | os.PathLike, tokenizer=None, recipe_hash: str | None = None
+) -> Path:
+    """Write φ atomically as safetensors + sidecar (+ tokenizer). Returns the directory."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        sidecar = {
+            "format": FORMAT,
+            "trunk_config": model.trunk.config.to_dict(),
+            "hidden_size": model.head.in_features,
+            "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
+            "recipe_hash": recipe_hash,
+        }
+        write_json_atomic(tmp / "ta_config.json", sidecar)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def load_ta_model(
+    ta_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str | None = "sdpa"
+) -> TrainAttentionModel:
+    """Load φ saved by :func:`save_ta_model` (bit-identical tensors)."""
+    ta_dir = Path(ta_dir)
+    sidecar_path = ta_dir / "ta_config.json"
+    if not sidecar_path.exists():
+        raise FileNotFoundError(f"{sidecar_path}: not a Train-Attention model directory (no ta_config.json)")
+    sidecar = json.loads(sidecar_path.read_text())
+    if sidecar.get("format") != FORMAT:
+        raise ValueError(f"{sidecar_path}: field 'format' is {sidecar.get('format')!r}, expected {FORMAT!r}")
+    trunk_cfg = dict(sidecar["trunk_config"])
+    config = AutoConfig.for_model(**trunk_cfg)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    trunk = AutoModel.from_config(config, dtype=dtype)
+    model = TrainAttentionModel(trunk, sidecar["hidden_size"]).to(dtype)
+    load_model(model, str(ta_dir / "model.safetensors"), strict=True)
+    return model
+
+
+def load_ta_tokenizer(ta_dir: str | os.PathLike):
+    return AutoTokenizer.from_pretrained(str(ta_dir))

@@ -1,0 +1,1 @@
+"""Benchmarks: probe scoring, LAMA-ckl and TemporalWiki protocols, methods, reports."""

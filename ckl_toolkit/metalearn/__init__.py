@@ -1,0 +1,1 @@
+"""Meta-learning the Train-Attention model: the exact meta-gradient, episodes, the ZeRO-3 roles."""

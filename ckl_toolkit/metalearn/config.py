@@ -1,0 +1,103 @@
+"""The meta-training recipe: typed sections that ``ckl meta-train`` / ``meta.py`` load from YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ckl_toolkit.core.config import check_choices, fld, require
+from ckl_toolkit.core.models import ModelSpec
+from ckl_toolkit.distributed import DistributedSpec
+from ckl_toolkit.metalearn.metagrad import MetaGradConfig
+
+
+@dataclass
+class TASpec:
+    init_from: str | None = fld(None, "HF directory whose trunk becomes the TA model (null: the base's).")
+    num_layers: int | None = fld(None, "Keep only the trunk's first k layers (null: all).")
+
+
+@dataclass
+class MetaDataSpec:
+    train: str = fld("", "JSONL of meta-training pairs {text, task, object} (DESIGN §5).")
+    val: str | None = fld(None, "JSONL of held-out pairs for validation (null: no validation).")
+    max_length: int = fld(256, "Documents are truncated to this many tokens.")
+    task_max_length: int = fld(64, "Tasks (probes) are truncated to this many tokens.")
+
+    def __post_init__(self):
+        require(self.max_length >= 8, "max_length", "must be >= 8")
+
+
+@dataclass
+class MetaOptimSpec:
+    name: str = fld(
+        "adamw",
+        "Optimizer of the TA model (a torch optimizer; under ZeRO, adamw and adam are "
+        "the ones DeepSpeed accepts without zero_allow_untested_optimizer).",
+        choices=("adamw", "adam", "sgd"),
+    )
+    lr: float = fld(3e-4, "Learning rate of the TA model (outer step).")
+    weight_decay: float = fld(0.0, "Weight decay of the TA model (decoupled for adamw).")
+    grad_clip: float = fld(1.0, "Clip the TA gradient norm (0: off); under DeepSpeed, its gradient_clipping.")
+
+    def __post_init__(self):
+        check_choices(self)
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclass
+class MetaValSpec:
+    pairs: int = fld(32, "Held-out pairs used per validation (the first N of data.val).")
+    epochs: int = fld(3, "Epochs of the Top-Acc protocol run on those facts.")
+    lr: float = fld(3e-4, "Learning rate of that protocol run.")
+    batch_size: int = fld(8, "Batch size of that protocol run.")
+
+
+@dataclass
+class MetaRecipe:
+    run_dir: str = fld("runs/meta", "Run directory: recipe, metrics.jsonl, checkpoints, exported TA.")
+    seed: int = fld(0, "Seed of episode order and initialisation.")
+    base: ModelSpec = field(default_factory=ModelSpec)
+    ta: TASpec = field(default_factory=TASpec)
+    data: MetaDataSpec = field(default_factory=MetaDataSpec)
+    meta: MetaGradConfig = field(default_factory=MetaGradConfig)
+    optim: MetaOptimSpec = field(default_factory=MetaOptimSpec)
+    val: MetaValSpec = field(default_factory=MetaValSpec)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
+    steps: int = fld(300, "TA optimiser steps.")
+    batch_size: int = fld(8, "Documents per TA step (the meta-batch), summed over ranks.")
+    log_every: int = fld(10, "Steps between metrics.jsonl records.")
+    val_every: int = fld(100, "Steps between validations (0: only at the end).")
+    save_every: int = fld(100, "Steps between checkpoints (0: only at the end).")
+    keep_checkpoints: int = fld(2, "Step checkpoints kept on disk.")
+    resume: str = fld(
+        "auto",
+        "'auto' continues from the latest checkpoint in run_dir; 'never' refuses "
+        "to reuse a run_dir that has one.",
+        choices=("auto", "never"),
+    )
+    threads: int = fld(0, "torch intra-op threads (0: leave torch's default).")
+    progress: bool = fld(True, "Show a progress bar.")
+
+    def __post_init__(self):
+        check_choices(self)
+        require(self.steps >= 1, "steps", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        if self.distributed.partition_base:  # DESIGN §3: the inner step runs on a per-rank LoRA set
+            require(
+                self.base.lora is not None,
+                "base.lora",
+                "distributed.partition_base needs LoRA adapters "
+                "for the per-rank inner step (the partitioned weights are shared); set base.lora={r: 8}",
+            )
+            require(
+                self.meta.method == "central",
+                "meta.method",
+                "distributed.partition_base needs "
+                "meta.method=central (forward-mode AD does not run through ZeRO-3's gathered layers)",
+            )
+            require(
+                not self.data.val,
+                "data.val",
+                "validation loads the whole base on rank 0, which "
+                "distributed.partition_base exists to avoid; set data.val=null and evaluate the export",
+            )

@@ -1,0 +1,1 @@
+"""The nightly refresh contract: document sources, the ledger, the run plan, versions, exit codes."""

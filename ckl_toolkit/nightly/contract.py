@@ -1,0 +1,324 @@
+"""Primitives of the nightly refresh contract (DESIGN §8): lock, model versions, exit codes, guard.
+
+Layout of an update output directory::
+
+    output_dir/
+      .lock                  flock target; holds the PID and start time of the running update
+      versions/
+        v000001/             complete or absent (built in a hidden temp dir, then renamed)
+        v000002/
+      current -> versions/v000002   the served version (a symlink, replaced atomically)
+      current.json           {"version": "v000002", "path": "versions/v000002"}, for platforms
+                             without symlinks; written before the symlink
+
+Everything that changes ``versions/`` or ``current`` must run under :class:`RunLock`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from ckl_toolkit.core.io import _fsync_dir, atomic_dir, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+VERSION_DIR = re.compile(r"^v(\d{6})$")
+
+
+class ExitCode(IntEnum):
+    """Exit status of ``ckl update``, for cron and the scripts around it."""
+
+    OK = 0  # a new version was published (or the run resumed and finished)
+    FAILURE = 1  # an unexpected error: a bug, a full disk, a missing model
+    BAD_INPUT = 2  # an invalid recipe, or malformed input with on_error=fatal
+    LOCKED = 3  # another update holds the lock on this output directory; nothing was done
+    DIVERGED = 4  # the loss was non-finite too many steps in a row; current is unchanged
+    NOTHING_TO_DO = 5  # no unseen documents; current is unchanged
+    INTERRUPTED = 6  # stopped by a signal after saving a checkpoint; the next run resumes
+
+
+class LockedError(RuntimeError):
+    """Another process holds the run lock."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class DivergenceError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+    exit_code = ExitCode.DIVERGED
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit code that reports ``exc`` (ValueError covers ConfigError, JsonlError, StreamError)."""
+    if isinstance(exc, (LockedError, DivergenceError)):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    if isinstance(exc, ValueError):
+        return ExitCode.BAD_INPUT
+    return ExitCode.FAILURE
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock.
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``output_dir/.lock`` for the life of one update.
+
+    The kernel drops a flock when its holder dies, however it dies, so a lock left by a killed
+    run never needs clearing by hand. The file is never deleted: unlinking it would let a second
+    process lock a new inode while a third still holds the old one. flock is per open file, so a
+    second ``RunLock`` in the same process is refused too. (On NFS, flock may be local to a host.)
+
+    Raises:
+        LockedError: from ``acquire`` / ``__enter__`` when another process holds the lock; the
+            message names the holder's PID, host and start time.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockedError(self._locked_message()) from None
+        self._fd = fd
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        return self
+
+    def _locked_message(self) -> str:
+        holder = self.holder() or {}
+        who = (
+            f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+        )
+        return (
+            f"{self.path.parent} is locked by another update ({who}). "
+            "Wait for it to finish, or write to another output directory."
+        )
+
+    def holder(self) -> dict | None:
+        """What the holder wrote into the lock file (None if unreadable or empty)."""
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)  # an empty file says "nobody"; the lock itself is the flock
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions.
+
+
+def list_versions(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete version directories, oldest first (temp and trash dirs are hidden, so skipped)."""
+    root = Path(output_dir) / "versions"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if VERSION_DIR.match(p.name) and p.is_dir())
+
+
+def current_version(output_dir: str | os.PathLike) -> Path | None:
+    """The served version: the ``current`` symlink's target, else ``current.json``'s; None if none."""
+    output_dir = Path(output_dir)
+    link = output_dir / "current"
+    if link.is_symlink():
+        target = output_dir / os.readlink(link)
+        return target if target.is_dir() else None
+    pointer = output_dir / "current.json"
+    if pointer.exists():
+        target = output_dir / json.loads(pointer.read_text(encoding="utf-8"))["path"]
+        return target if target.is_dir() else None
+    return None
+
+
+def set_current(output_dir: str | os.PathLike, version: str | os.PathLike) -> Path:
+    """Point ``current`` at ``versions/<name>`` (publishing, or rolling back by hand).
+
+    ``current.json`` is written first: a crash in between leaves the symlink (what servers read)
+    on the old version, and the next publish rewrites both.
+    """
+    output_dir = Path(output_dir)
+    name = Path(version).name
+    target = output_dir / "versions" / name
+    if not VERSION_DIR.match(name) or not target.is_dir():
+        raise FileNotFoundError(f"{target}: no such version")
+    rel = os.path.join("versions", name)
+    write_json_atomic(output_dir / "current.json", {"version": name, "path": rel})
+    tmp = output_dir / f".current.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.symlink(rel, tmp, target_is_directory=True)
+    except (OSError, NotImplementedError) as e:  # no symlinks here: current.json is the pointer
+        logger.warning("cannot create symlinks in %s (%s); current.json is the pointer", output_dir, e)
+        return target
+    try:
+        os.replace(tmp, output_dir / "current")  # rename(2) over the old link: readers see old or new
+    except OSError:
+        tmp.unlink()  # e.g. `current` is a real directory someone made: refuse, leave no litter
+        raise
+    _fsync_dir(output_dir)
+    return target
+
+
+def publish_version(
+    output_dir: str | os.PathLike,
+    build_fn: Callable[[Path], Any],
+    keep_last: int | None = None,
+    meta: dict | None = None,
+) -> Path:
+    """Build the next version in a temp dir, rename it into place, then point ``current`` at it.
+
+    If ``build_fn`` raises, or the process dies, no ``v{N}`` appears and ``current`` is unchanged.
+    Call under :class:`RunLock`: the next number and the clearing of stale temp dirs assume no
+    other writer.
+
+    Args:
+        output_dir: the update's output directory.
+        build_fn: writes the version's files into the directory it is given.
+        keep_last: then keep only this many newest versions (and the current one); None: keep all.
+        meta: extra fields for the ``version.json`` written beside build_fn's files.
+
+    Returns:
+        The new version directory.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last: must be >= 1 or None, got {keep_last}")
+    root = Path(output_dir) / "versions"
+    _clear_stale(root)
+    existing = list_versions(output_dir)
+    number = int(VERSION_DIR.match(existing[-1].name).group(1)) + 1 if existing else 1
+    final = root / f"v{number:06d}"
+    with atomic_dir(final) as tmp:
+        build_fn(tmp)
+        write_json_atomic(tmp / "version.json", {"version": final.name, "created": _now(), **(meta or {})})
+    set_current(output_dir, final)
+    if keep_last is not None:
+        prune_versions(output_dir, keep_last)
+    return final
+
+
+def _clear_stale(root: Path) -> None:
+    """Remove temp and trash dirs left by killed runs (their names are hidden)."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".v") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def prune_versions(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest versions, never one a pointer names.
+
+    Returns:
+        The deleted version directories.
+    """
+    output_dir = Path(output_dir)
+    protected = {p.resolve() for p in (current_version(output_dir), _json_target(output_dir)) if p}
+    doomed = [p for p in list_versions(output_dir)[:-keep_last] if p.resolve() not in protected]
+    for p in doomed:
+        trash = p.with_name(f".{p.name}.trash")
+        os.replace(p, trash)  # out of sight in one step, so no half-deleted version looks complete
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+def _json_target(output_dir: Path) -> Path | None:
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return output_dir / json.loads((output_dir / "current.json").read_text(encoding="utf-8"))["path"]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The non-finite loss guard.
+
+
+class NonFiniteGuard:
+    """Skip steps whose loss is NaN or inf; abort after ``max_consecutive`` of them in a row.
+
+    Under data or model parallelism, check a loss that is already all-reduced: every rank must
+    take the same decision, or the ranks that step will wait forever for the ones that skip.
+    """
+
+    def __init__(self, max_consecutive: int = 3):
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive: must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.skipped = 0
+
+    def check(self, loss: Any, step: int | None = None) -> bool:
+        """True if the step may be applied; False if it must be skipped (the loss is not finite).
+
+        Args:
+            loss: a float or 0-d tensor (``float()`` of a CUDA tensor is a device sync).
+            step: for the log line.
+
+        Raises:
+            DivergenceError: on the ``max_consecutive``-th non-finite loss in a row.
+        """
+        value = float(loss)
+        if math.isfinite(value):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.skipped += 1
+        if self.consecutive >= self.max_consecutive:
+            raise DivergenceError(
+                f"loss {value} at step {step}: {self.consecutive} non-finite losses in a row "
+                f"(max_consecutive={self.max_consecutive}); lower the learning rate or check the data"
+            )
+        logger.warning("step %s: loss %s, step skipped (%d in a row)", step, value, self.consecutive)
+        return False
+
+    def state_dict(self) -> dict:
+        return {
+            "max_consecutive": self.max_consecutive,
+            "consecutive": self.consecutive,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive = int(state["consecutive"])
+        self.skipped = int(state["skipped"])

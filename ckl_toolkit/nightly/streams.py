@@ -1,0 +1,639 @@
+"""Document streams for the nightly update: sources, exact positions, a seen-set, quarantine, batches.
+
+Order. Every entry of ``StreamConfig.paths`` is expanded (a directory recursively, a glob by its
+matches; hidden files such as half-written ``.x.tmp`` are ignored) and the union of shards is sorted
+by path string. A pass reads shard by shard in that order and record by record inside a shard, so
+the order depends only on the files. Name shards so they sort in arrival order (zero-pad numbers).
+
+Lines. ``Document.line`` is 1-based: the physical line in JSONL, the physical line where the record
+ends in CSV (the header is line 1), the row number in parquet and ``hf`` shards.
+
+Positions. ``Position(shard, line)`` names the last record consumed. Resuming skips every shard
+whose path sorts before ``shard`` and every record of ``shard`` up to ``line``. The rule is a
+comparison, not an index, so it survives shards being added; a shard that appears *before* the
+position is left to the next pass, where the ledger finds it unseen.
+
+Identity. A document's id is its ``id_field`` when present and non-empty (ints are stringified);
+otherwise ``"sha256:" + sha256(text)``, so id-less copies of one text count as one document. A
+document edited under an unchanged id is *not* learned again: give a new version a new id.
+
+Bad input. A record that cannot become a document is reported with shard, line and field; with
+``on_error="quarantine"`` its raw form goes to ``quarantine_dir/<shard-name>.jsonl`` (once: a
+record already there is not written again when a later pass meets it), with ``"fatal"`` a
+``StreamError`` stops the pass. An unterminated last line that does not parse is a writer still
+appending: it is counted (``skipped["incomplete_tail"]``) and left for the next pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckl_toolkit.core.config import ConfigError, check_choices, fld, require
+from ckl_toolkit.core.io import JsonlError, append_jsonl, parse_json_object, write_json_atomic
+from ckl_toolkit.core.text import ensure_pad_token
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "jsonl", "csv", "parquet", "hf")
+ON_ERROR = ("quarantine", "fatal")
+# Not .json: that is usually one JSON document (a ledger, a config), not one object a line.
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+TRIPLE_FIELDS = ("subject", "relation", "object")
+RENDERED_TRIPLES = "rendered-triples"
+LEDGER_FORMAT = "ckl-ledger/1"
+
+
+@dataclass
+class StreamConfig:
+    """Where the documents are and what to do with bad ones (validation errors name the field)."""
+
+    paths: list[str] = fld(
+        [], help="Shard files, directories (searched recursively) or globs; the union is sorted."
+    )
+    format: str = fld(
+        "auto",
+        "auto (by extension: .jsonl/.ndjson, .csv, .parquet), jsonl, csv, parquet, or hf "
+        "(datasets streaming of the same local files; a malformed line fails the whole shard).",
+        choices=FORMATS,
+    )
+    text_field: str = fld(
+        "text", "Field holding the text. Rows without it but with subject, relation and object are rendered."
+    )
+    id_field: str = fld("id", "Field holding the document id; documents without one get a content hash.")
+    max_chars: int = fld(1_000_000, "Longer documents are bad input (quarantined or fatal), not truncated.")
+    on_error: str = fld(
+        "quarantine",
+        "quarantine: set bad records aside and go on; fatal: stop at the first.",
+        choices=ON_ERROR,
+    )
+    quarantine_dir: str | None = fld(None, "Directory of <shard-name>.jsonl quarantine files.")
+    triple_template: str = fld("{subject} {relation} {object}.", "How a subject,relation,object row reads.")
+
+    def __post_init__(self) -> None:
+        require(
+            not isinstance(self.paths, (str, os.PathLike)), "paths", "expected a list; wrap the path in one"
+        )
+        self.paths = [os.fspath(p) for p in self.paths]
+        require(bool(self.paths), "paths", "empty; give at least one file, directory or glob")
+        check_choices(self)
+        for name in ("text_field", "id_field"):
+            require(
+                isinstance(getattr(self, name), str) and getattr(self, name) != "", name, "must be non-empty"
+            )
+        ok = isinstance(self.max_chars, int) and not isinstance(self.max_chars, bool) and self.max_chars > 0
+        require(ok, "max_chars", f"must be a positive int, got {self.max_chars!r}")
+        require(
+            self.on_error != "quarantine" or bool(self.quarantine_dir),
+            "quarantine_dir",
+            "needed with on_error='quarantine' (or set on_error='fatal')",
+        )
+        try:
+            self.triple_template.format(subject="s", relation="r", object="o")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"triple_template: {e!r}; use {{subject}}, {{relation}} and {{object}}") from e
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a pass stands: after record ``line`` of ``shard`` (None: at the start).
+
+    ``tokens`` counts tokens of the *next* document already consumed by ``batches``, so a resumed
+    pass can cut that document exactly where the interrupted one stopped.
+    """
+
+    shard: str | None = None
+    line: int = 0
+    tokens: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict | Position | None) -> Position:
+        if obj is None or isinstance(obj, Position):
+            return obj or cls()
+        pos = cls(obj.get("shard"), int(obj.get("line", 0)), int(obj.get("tokens", 0)))
+        if pos.line < 0 or pos.tokens < 0 or (pos.shard is None and pos.line):
+            raise ValueError(f"Position: invalid {obj!r}")
+        return pos
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document; ``shard`` and ``line`` say where it came from."""
+
+    id: str
+    text: str
+    shard: str
+    line: int
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def position(self) -> Position:
+        """The position right after this document."""
+        return Position(self.shard, self.line)
+
+
+@dataclass
+class StreamStats:
+    """Counts for metrics.jsonl. ``skipped`` keys: bad_json, non_utf8, bad_columns, missing_field,
+    bad_type, empty_text, too_long, incomplete_tail (left for the next pass), seen (in the ledger),
+    duplicate (an id met earlier in this pass), no_tokens (the tokenizer gave none)."""
+
+    read: int = 0
+    blank: int = 0
+    quarantined: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    split_docs: int = 0  # documents longer than max_length tokens, split into windows (never truncated)
+    tokens: int = 0  # real (non-pad) tokens put into batches
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "skipped": dict(sorted(self.skipped.items()))}
+
+
+class StreamError(JsonlError):
+    """Bad input met with on_error='fatal'; the message is ``file:line: field: reason``."""
+
+    def __init__(self, shard: str, line: int, field: str, reason: str):
+        super().__init__(f"{shard}:{line}: {field}: {reason}")
+        self.shard, self.line, self.field, self.reason = shard, line, field, reason
+
+
+class _Bad(Exception):
+    """A record that is not a document: ``kind`` keys the stats, ``field`` and ``reason`` the report."""
+
+    def __init__(self, kind: str, field: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.field, self.reason = kind, field, reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards and readers. A reader yields (line, raw, row): row is a dict, None (blank) or a _Bad.
+
+
+def resolve_shards(paths: list[str], fmt: str = "auto") -> list[str]:
+    """Expand files, directories and globs into a sorted, de-duplicated list of shard paths.
+
+    Raises:
+        FileNotFoundError: a literal path (not a glob) that does not exist, which is a typo more
+            often than an empty night.
+    """
+    found = set()
+    for entry in paths:
+        is_glob = glob.has_magic(entry)
+        for m in map(Path, glob.glob(entry, recursive=True) if is_glob else [entry]):
+            if m.is_dir():
+                found.update(str(f) for f in m.rglob("*") if _is_shard(f, m, fmt))
+            elif m.is_file() and (not is_glob or _is_shard(m, m.parent, fmt)):
+                found.add(str(m))  # a file named literally is taken whatever its extension
+            elif not m.exists():
+                raise FileNotFoundError(f"paths: {entry} does not exist")
+    return sorted({os.path.normpath(p) for p in found})
+
+
+def _is_shard(f: Path, root: Path, fmt: str) -> bool:
+    hidden = any(part.startswith(".") for part in f.relative_to(root).parts)
+    kind = EXTENSIONS.get(f.suffix.lower())
+    return f.is_file() and not hidden and kind is not None and fmt in ("auto", "hf", kind)
+
+
+def _shard_format(shard: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if Path(shard).suffix.lower() not in EXTENSIONS:
+        raise ConfigError(f"format: cannot tell the format of {shard} from its extension; set format")
+    return EXTENSIONS[Path(shard).suffix.lower()]
+
+
+def _read_jsonl(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
+    # Bytes, not text: one undecodable line must be reported on its own, not end the shard.
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            if line <= after:
+                continue
+            yield line, raw, _parse_jsonl_line(raw)
+
+
+def _parse_jsonl_line(raw: bytes) -> dict | _Bad | None:
+    complete = raw.endswith(b"\n")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not complete:  # a writer cut off mid-character
+            return _Bad("incomplete_tail", "<line>", "unterminated last line")
+        return _Bad("non_utf8", "<bytes>", f"invalid UTF-8 at byte {e.start}")
+    if not text.strip():
+        return None
+    try:
+        return parse_json_object(text)
+    except JsonlError as e:
+        if not complete:
+            return _Bad("incomplete_tail", "<line>", "unterminated last line")
+        return _Bad("bad_json", "<json>", str(e))
+
+
+def _read_csv(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
+    # surrogateescape keeps undecodable bytes as lone surrogates, found per row below;
+    # utf-8-sig drops the byte-order mark spreadsheets write, which would rename the first column.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for values in reader:
+            line = reader.line_num
+            if line <= after:
+                continue
+            raw = _csv_line(values)
+            if not values:
+                yield line, raw, None
+            elif len(values) != len(header):
+                reason = f"{len(values)} fields, header has {len(header)}"
+                yield line, raw, _Bad("bad_columns", "<row>", reason)
+            else:
+                yield line, raw, _check_utf8(dict(zip(header, values)))
+
+
+def _csv_line(values: list[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(values)
+    return buf.getvalue()
+
+
+def _check_utf8(row: dict) -> dict | _Bad:
+    for key, value in row.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return _Bad("non_utf8", key, f"invalid UTF-8 bytes at character {e.start}")
+    return row
+
+
+def _read_parquet(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
+    import pyarrow.parquet as pq
+
+    line = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        if line + batch.num_rows <= after:  # skip whole batches without converting them
+            line += batch.num_rows
+            continue
+        for row in batch.to_pylist():
+            line += 1
+            if line > after:
+                yield line, row, row
+
+
+def _read_hf(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
+    import datasets
+
+    builder = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}[_shard_format(path, "auto")]
+    ds = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True)
+    line = after
+    try:
+        for row in ds.skip(after) if after else ds:
+            line += 1
+            yield line, row, row
+    except Exception as e:  # datasets parses whole chunks: no line to quarantine, the shard fails
+        reason = f"datasets could not read it ({e}); format=jsonl quarantines line by line"
+        raise StreamError(path, line + 1, "<shard>", reason) from e
+
+
+_READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet, "hf": _read_hf}
+
+
+def _to_document(row: dict, shard: str, line: int, cfg: StreamConfig) -> Document:
+    """Validate one row and build its Document; raises _Bad naming the field."""
+    meta = {k: v for k, v in row.items() if k not in (cfg.text_field, cfg.id_field)}
+    if row.get(cfg.text_field) is None and all(k in row for k in TRIPLE_FIELDS):
+        text = _render_triple(row, cfg.triple_template)
+        meta["source"] = RENDERED_TRIPLES
+    elif row.get(cfg.text_field) is None:
+        raise _Bad("missing_field", cfg.text_field, f"missing (fields: {', '.join(map(str, row)) or 'none'})")
+    else:
+        text = row[cfg.text_field]
+    if not isinstance(text, str):
+        raise _Bad("bad_type", cfg.text_field, f"expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise _Bad("empty_text", cfg.text_field, "empty text")
+    if len(text) > cfg.max_chars:
+        raise _Bad("too_long", cfg.text_field, f"{len(text)} characters > max_chars={cfg.max_chars}")
+    return Document(_doc_id(row.get(cfg.id_field), text, cfg.id_field), text, shard, line, meta)
+
+
+def _render_triple(row: dict, template: str) -> str:
+    parts = {}
+    for k in TRIPLE_FIELDS:
+        value = "" if row[k] is None else str(row[k]).strip()  # hf csv may type an object as int
+        if not value:
+            raise _Bad("missing_field", k, "empty part of a subject,relation,object triple")
+        parts[k] = value
+    return template.format(**parts)
+
+
+def _doc_id(value: Any, text: str, id_field: str) -> str:
+    if value is None or value == "":
+        return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _Bad("bad_type", id_field, f"expected a string or int, got {type(value).__name__}")
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream.
+
+
+class DocumentStream:
+    """One deterministic pass over the shards, from ``position`` on.
+
+    ``position`` follows the pass (bad and blank records included): when a document is handed
+    out, it is that document's position. ``stats`` counts what the pass met.
+    """
+
+    def __init__(self, config: StreamConfig, position: Position | dict | None = None):
+        self.config = config
+        self.position = Position.from_json(position)
+        self.stats = StreamStats()
+        self._quarantine = _Quarantine(Path(config.quarantine_dir)) if config.quarantine_dir else None
+
+    def shards(self) -> list[str]:
+        """The shards in pass order, less any under quarantine_dir (it must never feed itself)."""
+        shards = resolve_shards(self.config.paths, self.config.format)
+        if self.config.quarantine_dir is None:
+            return shards
+        quarantine = Path(self.config.quarantine_dir).resolve()
+        return [s for s in shards if not Path(s).resolve().is_relative_to(quarantine)]
+
+    def __iter__(self) -> Iterator[Document]:
+        start = self.position  # frozen: later updates of self.position do not move it
+        for shard in self.shards():
+            if start.shard is None or shard >= start.shard:
+                yield from self._read_shard(shard, start.line if shard == start.shard else 0)
+
+    def _read_shard(self, shard: str, after: int) -> Iterator[Document]:
+        reader = _READERS[_shard_format(shard, self.config.format)]
+        for line, raw, row in reader(shard, after):
+            if isinstance(row, _Bad) and row.kind == "incomplete_tail":
+                self.stats.skipped[row.kind] += 1
+                return  # not consumed: the position stays before it, the next pass retries it
+            doc = self._document(shard, line, raw, row)
+            self.position = Position(shard, line)
+            if doc is not None:
+                self.stats.read += 1
+                yield doc
+
+    def _document(self, shard: str, line: int, raw: Any, row: dict | _Bad | None) -> Document | None:
+        if row is None:
+            self.stats.blank += 1
+            return None
+        try:
+            if isinstance(row, _Bad):
+                raise row
+            return _to_document(row, shard, line, self.config)
+        except _Bad as bad:
+            self._reject(shard, line, raw, bad)
+            return None
+
+    def _reject(self, shard: str, line: int, raw: Any, bad: _Bad) -> None:
+        if self.config.on_error == "fatal":
+            raise StreamError(shard, line, bad.field, bad.reason)
+        self.stats.skipped[bad.kind] += 1
+        self.stats.quarantined += 1
+        self._quarantine.put(shard, line, bad, raw)
+        logger.warning("quarantined %s:%d: %s: %s", shard, line, bad.field, bad.reason)
+
+
+class _Quarantine:
+    """Appends bad records to ``<dir>/<shard-name>.jsonl``, each (shard, line, raw) once."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self._known: dict[Path, set] = {}
+
+    def put(self, shard: str, line: int, bad: _Bad, raw: Any) -> None:
+        record = {"shard": shard, "line": line, "field": bad.field, "reason": bad.reason, "kind": bad.kind}
+        record.update(_raw_fields(raw))
+        path = self.dir / f"{Path(shard).name}.jsonl"
+        known = self._known.setdefault(path, _quarantine_keys(path))
+        key = (shard, line, record["raw"])
+        if key not in known:
+            append_jsonl(path, [record])
+            known.add(key)
+
+
+def _raw_fields(raw: Any) -> dict:
+    """The raw record as JSON-safe text, plus base64 of the exact bytes when they are not UTF-8."""
+    if isinstance(raw, bytes):
+        raw = raw.rstrip(b"\r\n")
+        try:
+            return {"raw": raw.decode("utf-8")}
+        except UnicodeDecodeError:
+            return {"raw": raw.decode("utf-8", "backslashreplace"), "raw_base64": _b64(raw)}
+    if isinstance(raw, str):  # csv: may carry surrogate-escaped bytes
+        data = raw.encode("utf-8", "surrogateescape")
+        out = {"raw": data.decode("utf-8", "backslashreplace")}
+        return out if out["raw"] == raw else {**out, "raw_base64": _b64(data)}
+    return {"raw": json.dumps(raw, ensure_ascii=False, default=str)}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _quarantine_keys(path: Path) -> set:
+    keys = set()
+    if path.exists():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for text in f:
+                try:
+                    r = json.loads(text)
+                    keys.add((r["shard"], r["line"], r["raw"]))
+                except (ValueError, KeyError, TypeError):  # a torn last append
+                    continue
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# The seen-set.
+
+
+class DocumentLedger:
+    """Ids of the documents already learned, so consecutive runs learn each exactly once.
+
+    Stored as JSON ``{"format", "count", "ids"}`` and only ever replaced atomically. ``mark`` what
+    a step has learned, ``commit`` together with the checkpoint or version that holds it: ids
+    committed before the model that learned them is saved would be lost by a crash in between.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._committed = self._load(self.path)
+        self._pending: set[str] = set()
+
+    @staticmethod
+    def _load(path: Path) -> set[str]:
+        if not path.exists():
+            return set()
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            # Never start empty over a damaged ledger: that would learn every document again.
+            raise ValueError(f"{path}: unreadable ledger ({e}); restore it from the current version") from e
+        if (
+            not isinstance(obj, dict)
+            or obj.get("format") != LEDGER_FORMAT
+            or not isinstance(obj.get("ids"), list)
+        ):
+            raise ValueError(f"{path}: not a {LEDGER_FORMAT} ledger")
+        return set(obj["ids"])
+
+    def __len__(self) -> int:
+        return len(self._committed | self._pending)
+
+    def seen(self, doc: Document | str) -> bool:
+        """True if the document was committed or marked."""
+        key = doc if isinstance(doc, str) else doc.id
+        return key in self._committed or key in self._pending
+
+    def mark(self, docs: Iterable[Document | str]) -> None:
+        self._pending.update(d if isinstance(d, str) else d.id for d in docs)
+
+    def commit(self, path: str | os.PathLike | None = None) -> Path:
+        """Atomically write committed + marked ids to ``path`` (default: the ledger's own)."""
+        self._committed |= self._pending
+        self._pending.clear()
+        target = Path(path) if path else self.path
+        ids = sorted(self._committed)
+        write_json_atomic(target, {"format": LEDGER_FORMAT, "count": len(ids), "ids": ids})
+        return target
+
+    def unseen(self, docs: Iterable[Document], stats: StreamStats | None = None) -> Iterator[Document]:
+        """Documents not in the ledger, each id once per pass (a repeated id is a duplicate)."""
+        passed: set[str] = set()
+        for doc in docs:
+            reason = "seen" if self.seen(doc) else "duplicate" if doc.id in passed else None
+            if reason:
+                if stats is not None:
+                    stats.skipped[reason] += 1
+                continue
+            passed.add(doc.id)
+            yield doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation into batches.
+
+
+def batches(
+    docs: Iterable[Document],
+    tokenizer: Any,
+    max_length: int,
+    batch_size: int,
+    pack: bool = False,
+    start: Position | dict | None = None,
+    stats: StreamStats | None = None,
+) -> Iterator[dict]:
+    """Tokenise documents into right-padded (B, T) batches.
+
+    A document longer than ``max_length`` tokens is split into consecutive windows, never
+    truncated, since a cut-off tail would be knowledge silently not learned (``stats.split_docs``).
+    ``pack=False``: every row holds one window of one document. ``pack=True``: documents, each
+    followed by EOS, are concatenated and cut into rows of exactly ``max_length`` (the last row may
+    be shorter); attention is not blocked between packed documents.
+
+    Args:
+        docs: documents in stream order (usually ``ledger.unseen(stream)``).
+        tokenizer: a Hugging Face tokenizer (special tokens as its defaults add them).
+        max_length: tokens per row.
+        batch_size: rows per batch.
+        pack: pack documents into full rows instead of padding each.
+        start: the ``position`` of the batch to resume after; the stream must resume from it too.
+        stats: counts ``split_docs`` and ``tokens`` into it.
+
+    Yields:
+        ``input_ids`` and ``attention_mask`` (B, T) long; ``doc_ids`` and ``texts`` of the
+        documents with tokens in the batch; ``completed``: the Documents whose last token is in it
+        (mark these in the ledger after the step); ``position``: JSON to resume right after it.
+    """
+    if max_length < 1 or batch_size < 1:
+        raise ValueError(f"batches: max_length and batch_size must be >= 1, got {max_length}, {batch_size}")
+    ensure_pad_token(tokenizer)
+    stats = stats if stats is not None else StreamStats()
+    group: list[tuple[list[int], list[Document], list[Document], Position]] = []
+    pieces = _tokenised(docs, tokenizer, pack, stats)
+    for row in _rows(pieces, max_length, pack, Position.from_json(start), stats):
+        group.append(row)
+        if len(group) == batch_size:
+            yield _collate(group, tokenizer.pad_token_id)
+            group = []
+    if group:
+        yield _collate(group, tokenizer.pad_token_id)
+
+
+def _tokenised(docs: Iterable[Document], tokenizer: Any, pack: bool, stats: StreamStats) -> Iterator[tuple]:
+    """(doc, token ids) in order; tokenised 64 at a time because a fast tokenizer batches well."""
+    eos = [tokenizer.eos_token_id] if pack and tokenizer.eos_token_id is not None else []
+    docs = iter(docs)
+    while group := [d for _, d in zip(range(64), docs)]:
+        for doc, ids in zip(group, tokenizer([d.text for d in group])["input_ids"]):
+            if not ids and not eos:  # nothing to learn; not completed, so the next pass meets it again
+                stats.skipped["no_tokens"] += 1
+                continue
+            yield doc, list(ids) + eos
+
+
+def _rows(pieces: Iterable, max_length: int, pack: bool, state: Position, stats: StreamStats) -> Iterator:
+    """Cut token lists into rows; yield (row, docs in it, docs completed by it, position after it)."""
+    row: list[int] = []
+    members: list[Document] = []
+    completed: list[Document] = []
+    skip = state.tokens  # the first document resumes mid-way
+    for doc, ids in pieces:
+        stats.split_docs += int(len(ids) > max_length)
+        done, ids, skip = skip, ids[skip:], 0  # a saved offset is always < len(ids)
+        while ids:
+            take, ids = ids[: max_length - len(row)], ids[max_length - len(row) :]
+            row += take
+            done += len(take)
+            members.append(doc)
+            if ids:
+                state = Position(state.shard, state.line, done)
+            else:
+                completed.append(doc)
+                state = doc.position
+            if len(row) == max_length or (not pack and not ids):
+                stats.tokens += len(row)
+                yield row, members, completed, state
+                row, members, completed = [], [], []
+    if row:
+        stats.tokens += len(row)
+        yield row, members, completed, state
+
+
+def _collate(group: list[tuple], pad_id: int) -> dict:
+    width = max(len(row) for row, *_ in group)
+    input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+    for b, (row, *_) in enumerate(group):
+        input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, : len(row)] = 1
+    members = list({(d.shard, d.line): d for _, docs, _, _ in group for d in docs}.values())
+    return {
+        "input_ids": input_ids,  # (B, T)
+        "attention_mask": attention_mask,  # (B, T), 1 on real tokens
+        "doc_ids": [d.id for d in members],
+        "texts": [d.text for d in members],
+        "completed": [d for _, _, done, _ in group for d in done],
+        "position": group[-1][3].to_json(),
+    }

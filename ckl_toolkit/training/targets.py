@@ -1,0 +1,189 @@
+"""The trained target of an update: full fine-tuning, LoRA / QLoRA (peft), or K-Adapter (DESIGN §4).
+
+A nightly run continues from the served version, not from the original model:
+
+    kind       starts from                                   a version holds
+    full       current/model (else target.path)              model/   HF safetensors + tokenizer
+    lora       target.path + current/adapter (trainable)     adapter/ peft adapter (+ model/ if merged)
+    qlora      4-bit target.path + current/adapter           adapter/ (+ model/ merged in target.dtype)
+    kadapter   target.path + current/adapter                 adapter/ K-Adapter dir (not an HF model)
+
+``model/`` loads with ``AutoModelForCausalLM.from_pretrained``; a peft ``adapter/`` with
+``PeftModel.from_pretrained(base, adapter)``; a K-Adapter with ``kadapter.load_adapter``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ckl_toolkit.core.config import ConfigError
+from ckl_toolkit.core.models import DTYPES, ModelSpec, add_lora, load_causal_lm
+from ckl_toolkit.core.text import ensure_pad_token
+from ckl_toolkit.nightly.config import TargetSpec
+from ckl_toolkit.training.kadapter import KAdapterModel, load_adapter
+
+MODEL_DIR, ADAPTER_DIR = "model", "adapter"
+
+
+@dataclass
+class Target:
+    """The model the update trains, and where it came from."""
+
+    model: nn.Module  # what the loop calls: HF model, PeftModel or KAdapterModel
+    tokenizer: object
+    spec: TargetSpec
+    started_from: str  # the version (or target.path) these weights were loaded from
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """Name -> parameter of everything the optimizer steps (shared tensors once)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+def check_target_runtime(spec: TargetSpec) -> None:
+    """Fail before any loading on combinations this machine cannot run, naming the field.
+
+    Raises:
+        ConfigError: QLoRA without CUDA or without bitsandbytes.
+    """
+    if spec.kind != "qlora":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "target.kind='qlora': 4-bit QLoRA needs a CUDA GPU (bitsandbytes), and none is visible. "
+            "Use target.kind=lora on this machine."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("target.kind='qlora': needs the bitsandbytes package (pip install bitsandbytes)")
+
+
+def _base_spec(spec: TargetSpec, path: str, lora: bool = False) -> ModelSpec:
+    return ModelSpec(path, spec.dtype, spec.attn_implementation, spec.lora if lora else None)
+
+
+def _load_quantized(spec: TargetSpec) -> nn.Module:
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    device = int(os.environ.get("LOCAL_RANK", 0))
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.path, quantization_config=bnb, dtype=DTYPES[spec.dtype], device_map={"": device}
+    )
+    return prepare_model_for_kbit_training(model)
+
+
+def _fresh_lora(base: nn.Module, spec: TargetSpec) -> nn.Module:
+    return add_lora(base, spec.lora)
+
+
+def build_target(spec: TargetSpec, version: Path | None, seed: int) -> Target:
+    """Load the target for a run that starts from ``version`` (None: the first run, from target.path).
+
+    The seed fixes the initialisation of new LoRA / K-Adapter weights, so a resumed run rebuilds the
+    same starting point before loading its checkpoint.
+    """
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(spec.path)
+    ensure_pad_token(tokenizer)
+    adapter = version / ADAPTER_DIR if version is not None else None
+    if spec.kind == "full":
+        start = version / MODEL_DIR if version is not None else Path(spec.path)
+        model = load_causal_lm(_base_spec(spec, str(start)))
+    elif spec.kind in ("lora", "qlora"):
+        base = _load_quantized(spec) if spec.kind == "qlora" else load_causal_lm(_base_spec(spec, spec.path))
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        else:
+            model = _fresh_lora(base, spec)
+    else:
+        base = load_causal_lm(_base_spec(spec, spec.path))
+        model = (
+            load_adapter(base, adapter) if adapter is not None else KAdapterModel(base, spec.kadapter.build())
+        )
+    started = str(version) if version is not None else spec.path
+    return Target(model, tokenizer, spec, started)
+
+
+def check_version_kind(version: Path | None, spec: TargetSpec) -> None:
+    """Refuse to continue a version trained as another kind of target (its files would not fit)."""
+    if version is None or not (version / "version.json").is_file():
+        return
+    kind = json.loads((version / "version.json").read_text()).get("target_kind")
+    if kind is not None and kind != spec.kind:
+        raise ConfigError(
+            f"target.kind={spec.kind!r}: the current version {version.name} was trained as {kind!r}; "
+            "keep the kind, or start a new output_dir"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainable state (single-process checkpoints) and export.
+
+
+def save_trainable(target: Target, path: Path) -> None:
+    """The trainable tensors as safetensors (fp32 copies are what the optimizer steps)."""
+    save_file({n: p.detach().cpu().contiguous() for n, p in target.trainable().items()}, str(path))
+
+
+def load_trainable(target: Target, path: Path) -> None:
+    """Copy tensors saved by ``save_trainable`` into the target; names and shapes must match."""
+    tensors, params = load_file(str(path)), target.trainable()
+    if set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
+        raise ValueError(f"{path}: trainable tensors differ (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+
+
+def export_target(target: Target, out: Path) -> list[str]:
+    """Write the version's model files into ``out`` (call inside any parameter gather). Returns names.
+
+    full -> model/ ; lora -> adapter/ (+ model/ merged when target.export='merged'); K-Adapter ->
+    adapter/. Tensors are safetensors; the tokenizer is saved beside them.
+    """
+    kind, written = target.spec.kind, []
+    if kind == "full":
+        target.model.save_pretrained(out / MODEL_DIR)
+        target.tokenizer.save_pretrained(out / MODEL_DIR)
+        return [MODEL_DIR]
+    if kind == "kadapter":
+        target.model.save_adapter(out / ADAPTER_DIR)
+        return [ADAPTER_DIR]
+    target.model.save_pretrained(out / ADAPTER_DIR)
+    target.tokenizer.save_pretrained(out / ADAPTER_DIR)
+    written.append(ADAPTER_DIR)
+    if target.spec.export == "merged":
+        merge_lora(target.spec, out / ADAPTER_DIR, out / MODEL_DIR)
+        target.tokenizer.save_pretrained(out / MODEL_DIR)
+        written.append(MODEL_DIR)
+    return written
+
+
+def merge_lora(spec: TargetSpec, adapter_dir: Path, out: Path) -> None:
+    """Merge a saved adapter into a fresh, unquantised copy of the base and save it as an HF model.
+
+    A fresh copy rather than the training model: merging mutates the model, and a 4-bit or
+    ZeRO-partitioned base cannot be merged losslessly in place.
+    """
+    from peft import PeftModel
+
+    base = load_causal_lm(_base_spec(spec, spec.path))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out)

@@ -1,0 +1,298 @@
+"""``ckl eval``: methods compose as documented, each keeps its defining behaviour, runs resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ckl_toolkit.cli import main
+from ckl_toolkit.core.config import ConfigError, load_recipe
+from ckl_toolkit.core.io import read_jsonl, write_jsonl_atomic
+from ckl_toolkit.core.models import LoraSpec
+from ckl_toolkit.core.text import encode, object_target_mask
+from ckl_toolkit.evaluation.config import EvalRecipe
+from ckl_toolkit.evaluation.lama_ckl import ProtocolConfig, Rehearsal, run_lama_ckl, train_epoch
+from ckl_toolkit.evaluation.methods import (
+    PAPER_METHODS,
+    Method,
+    RecAdamSettings,
+    build_optimizer,
+    build_trainable,
+    build_weigher,
+    parse_method,
+)
+from ckl_toolkit.evaluation.runner import equal_nf_view, run_key, synthetic_rehearsal
+from ckl_toolkit.training.kadapter import KAdapterConfig
+from ckl_toolkit.training.mix_review import MixReviewConfig, mix_review_count
+from ckl_toolkit.training.weighting import TextBatch
+
+PEOPLE = [("Ada Lovelace", "Bletchley Park"), ("Alan Turing", "New York"), ("Grace Hopper", "London")]
+KNOWN = [("Alan Turing", "Maida Vale"), ("Ada Lovelace", "London"), ("Grace Hopper", "Paris")]
+
+
+def _rows(pairs, relation: str, verb: str) -> list[dict]:
+    return [
+        {
+            "uuid": f"{relation}-{i}", "subject": s, "relation_code": relation, "object": o,
+            "evidence": f"The weather in Paris is mild . {s} {verb} {o} . The river Seine flows .",
+            "task_descriptive": f"{s} {verb} {o}",
+        }
+        for i, (s, o) in enumerate(pairs)
+    ]  # fmt: skip
+
+
+TO_LEARN = _rows(PEOPLE, "P108", "works for")
+CANDIDATES = _rows(KNOWN, "P19", "was born in")
+
+
+def _world_dir(tmp_path):
+    d = tmp_path / "world"
+    d.mkdir()
+    write_jsonl_atomic(d / "to_learn.jsonl", TO_LEARN)
+    write_jsonl_atomic(d / "not_to_forget_candidates.jsonl", CANDIDATES)
+    facts = [
+        {"subject": r["subject"], "relation_code": r["relation_code"], "object": r["object"],
+         "probe_seen": r["task_descriptive"]}
+        for r in TO_LEARN + CANDIDATES
+    ] + [{"subject": "Grace Hopper", "relation_code": "P1412", "object": "English",
+          "probe_seen": "Grace Hopper speaks English"}]  # fmt: skip
+    write_jsonl_atomic(d / "pretrain_facts.jsonl", facts)
+    return d
+
+
+def _recipe(tmp_path, tiny_lm_dir, **extra) -> dict:
+    r = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"path": str(tiny_lm_dir)},
+        "data": {"kind": "synthetic", "dir": str(_world_dir(tmp_path)), "rehearsal_docs": 20},
+        "methods": ["finetune", "kadapter", "rho1"],
+        "protocol": {"epochs": 1, "batch_size": 2, "lr": 1e-3},
+        "kadapter": {"adapter_hidden": 16, "num_heads": 2, "block_layers": 1},
+        "progress": False,
+    }
+    r.update(extra)
+    return r
+
+
+def _write_recipe(tmp_path, data: dict):
+    import yaml
+
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Method names.
+
+
+def test_paper_methods_parse_into_their_components():
+    got = {m: parse_method(m) for m in PAPER_METHODS}
+    assert got["finetune"] == Method("finetune")
+    assert got["lora"].target == "lora" and got["kadapter"].target == "kadapter"
+    assert got["mix_review"].rehearsal and got["recadam"].optimizer == "recadam"
+    assert got["rho1"].weights == "rho1" and got["oracle"].weights == "oracle"
+    assert got["taalm+mix_review"] == Method("taalm+mix_review", weights="taalm", rehearsal=True)
+    assert got["taalm+kadapter"] == Method("taalm+kadapter", weights="taalm", target="kadapter")
+    assert parse_method("rho1+lora+recadam") == Method("rho1+lora+recadam", "rho1", "lora", "recadam")
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [("taalm+oracle", "weights twice"), ("sgd", "unknown component 'sgd'"), ("oracle+mix_review", "object")],
+)
+def test_bad_method_names_are_refused_naming_the_field(name, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        parse_method(name)
+    assert str(e.value).startswith("methods:")
+
+
+def test_recipe_errors_name_file_line_and_field(tmp_path, tiny_lm_dir):
+    path = _write_recipe(tmp_path, _recipe(tmp_path, tiny_lm_dir, methods=["finetune", "taalm"]))
+    with pytest.raises(ConfigError, match="ta: required"):
+        load_recipe(EvalRecipe, path)
+    path.write_text(path.read_text() + "rho1_keep_ratio: 1.5\n")
+    with pytest.raises(ConfigError, match=r"eval.yaml:\d+: .*rho1_keep_ratio"):
+        load_recipe(EvalRecipe, path, ["ta=/x"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Defining behaviours, through the same builders ``ckl eval`` uses.
+
+
+def _setup(tiny_lm_dir, name: str, lr: float = 1e-2):
+    torch.manual_seed(0)
+    method = parse_method(name)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    model = build_trainable(method, base, LoraSpec(r=4), KAdapterConfig(adapter_hidden=16, num_heads=2))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_lm_dir) if method.weights == "rho1" else None
+    weigher = build_weigher(method, reference=ref, keep_ratio=0.25)
+    opt = build_optimizer(method, model, lr, 0.0, RecAdamSettings())
+    return method, base, model, weigher, opt
+
+
+def _base_state(base) -> dict:
+    return {n: p.detach().clone() for n, p in base.named_parameters() if "lora_" not in n}
+
+
+@pytest.mark.parametrize("name", ["kadapter", "lora"])
+def test_adapter_methods_leave_the_base_weights_unchanged(tiny_lm_dir, name):
+    method, base, model, weigher, opt = _setup(tiny_lm_dir, name)
+    before = _base_state(base)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    loss = train_epoch(model, tok, TO_LEARN, weigher, opt, ProtocolConfig(batch_size=2), epoch=1)
+    assert loss > 0
+    after = _base_state(base)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    moved = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert moved and all(p.grad is not None for p in moved)
+
+
+def test_finetune_moves_the_base_weights(tiny_lm_dir):
+    method, base, model, weigher, opt = _setup(tiny_lm_dir, "finetune")
+    before = _base_state(base)
+    train_epoch(
+        model, AutoTokenizer.from_pretrained(tiny_lm_dir), TO_LEARN, weigher, opt, ProtocolConfig(), 1
+    )
+    assert not all(torch.equal(before[n], p) for n, p in base.named_parameters())
+
+
+def test_oracle_puts_all_weight_on_object_tokens(tiny_lm_dir):
+    _, _, _, weigher, _ = _setup(tiny_lm_dir, "oracle")
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    texts = [r["evidence"] for r in TO_LEARN]
+    enc = encode(tok, texts, 64)
+    objects = [r["object"] for r in TO_LEARN]
+    w = weigher.weights(TextBatch(enc, texts, objects), torch.zeros(enc.input_ids[:, 1:].shape))
+    obj = object_target_mask(enc, texts, objects, which="all")
+    assert torch.equal(w.bool(), obj) and (w[obj] == 1).all() and w[~obj].sum() == 0
+
+
+def test_rho1_keeps_exactly_the_top_excess_loss_tokens(tiny_lm_dir):
+    _, _, model, weigher, _ = _setup(tiny_lm_dir, "rho1")
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    texts = [r["evidence"] for r in TO_LEARN]
+    enc = encode(tok, texts, 64)
+    nll = torch.rand(enc.input_ids[:, 1:].shape) * 10  # the model being trained, (B, T-1)
+    w = weigher.weights(TextBatch(enc, texts), nll)
+    from ckl_toolkit.core.losses import token_nll
+
+    ref = token_nll(weigher.reference, enc.input_ids, enc.attention_mask)
+    mask = enc.attention_mask[:, 1:].bool() & enc.attention_mask[:, :-1].bool()
+    excess = (nll - ref)[mask]
+    k = int(w[mask].sum())
+    assert k == -(-int(mask.sum()) // 4)  # ceil(0.25 n)
+    assert w[~mask].sum() == 0
+    assert excess[w[mask].bool()].min() >= excess[~w[mask].bool()].max()
+
+
+def test_mix_review_epochs_replay_a_decaying_number_of_pool_documents(tiny_lm_dir):
+    """Epoch e trains on |new| + round(ratio · decay^(e-1) · |new|) rows, never on the evaluated rows."""
+    _, _, model, weigher, opt = _setup(tiny_lm_dir, "mix_review", lr=1e-4)
+    pool = [{"id": f"p{i}", "evidence": f"Grace Hopper speaks English . pool {i} ."} for i in range(40)]
+    seen: list[list[str]] = []
+
+    class Counting:
+        def weights(self, batch, nll):
+            seen[-1].extend(batch.texts)
+            return weigher.weights(batch, nll)
+
+        def loss(self, *a):
+            return weigher.loss(*a)
+
+    def on_epoch(epoch, res):
+        seen.append([])
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    mix = MixReviewConfig(mix_ratio=4.0, mix_decay=0.5)
+    cfg = ProtocolConfig(epochs=3, batch_size=4)
+    run_lama_ckl(model, tok, TO_LEARN, [], Counting(), cfg, optimizer=opt, progress=False,
+                 rehearsal=Rehearsal(pool, mix), on_epoch=on_epoch)  # fmt: skip
+    replayed = [sum(t.endswith(" .") and "pool" in t for t in texts) for texts in seen[:-1]]
+    assert replayed == [mix_review_count(mix, len(TO_LEARN), e) for e in range(3)] == [12, 6, 3]
+    assert all(sum(t in {r["evidence"] for r in TO_LEARN} for t in texts) == 3 for texts in seen[:-1])
+
+
+def test_synthetic_rehearsal_never_holds_an_evaluated_fact(tmp_path, tiny_lm_dir):
+    recipe = load_recipe(EvalRecipe, _write_recipe(tmp_path, _recipe(tmp_path, tiny_lm_dir)))
+    nf = CANDIDATES[:2]
+    docs = synthetic_rehearsal(recipe, TO_LEARN + nf)
+    text = " ".join(d["evidence"] for d in docs)
+    assert all(r["task_descriptive"] not in text for r in TO_LEARN + nf)
+    assert CANDIDATES[2]["task_descriptive"] in text and "Grace Hopper speaks English" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: results.json, resume, the equal-NF view.
+
+
+def test_ckl_eval_writes_results_and_resumes_without_repeating_runs(tmp_path, tiny_lm_dir):
+    recipe = _recipe(tmp_path, tiny_lm_dir, methods=["finetune", "kadapter", "rho1", "mix_review", "recadam"])
+    recipe["recadam"] = {"t0": 1.0, "gamma": 100.0}
+    recipe["sweep"] = {"lrs": [1e-4], "methods": ["finetune", "rho1"]}
+    path = _write_recipe(tmp_path, recipe)
+    res = CliRunner().invoke(main, ["eval", "--recipe", str(path), "--no-report"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert list(results["methods"]) == ["finetune", "kadapter", "rho1", "mix_review", "recadam"]
+    for s in results["methods"].values():
+        assert len(s["curve"]["to_learn"]) == 2 and s["lr"] == 1e-3 and s["seconds"] > 0
+        assert set(s) >= {"top_acc", "epoch", "nf_acc", "total", "top_em", "em_epoch", "nf_em"}
+    kad, ft = results["methods"]["kadapter"], results["methods"]["finetune"]
+    assert kad["trainable_params"] < ft["trainable_params"]
+    assert set(results["equal_nf"]["methods"]) == {"finetune", "rho1"}
+    runs = sorted(p.name for p in (run / "runs").iterdir())
+    assert len(runs) == 7  # 5 methods at 1e-3 + 2 swept at 1e-4
+
+    # Kill-and-resume: a finished run is kept as is; a lost one is redone; metrics are not duplicated.
+    kept = run / "runs" / f"{run_key('finetune', 1e-3)}.json"
+    mtime = kept.stat().st_mtime_ns
+    (run / "runs" / f"{run_key('rho1', 1e-4)}.json").unlink()
+    (run / "results.json").unlink()
+    res = CliRunner().invoke(main, ["eval", "--recipe", str(path), "--no-report"])
+    assert res.exit_code == 0, res.output
+    assert "done earlier, kept" in res.output and kept.stat().st_mtime_ns == mtime
+    again = json.loads((run / "results.json").read_text())
+    assert again["methods"]["finetune"] == results["methods"]["finetune"]
+    records = [(r["run"], r["epoch"]) for r in read_jsonl(run / "metrics.jsonl")]
+    assert len(records) == len(set(records)) == 7 * 2
+
+
+def test_equal_nf_view_picks_the_best_top_em_among_lrs_that_keep_nf(tmp_path, tiny_lm_dir):
+    data = _recipe(tmp_path, tiny_lm_dir, methods=["finetune", "oracle"])
+    data["sweep"] = {"lrs": [1e-4, 3e-4]}
+    recipe = load_recipe(EvalRecipe, _write_recipe(tmp_path, data))
+
+    def s(top, nf):
+        return {"top_em": top, "nf_em": nf}
+
+    runs = {
+        run_key("finetune", 1e-3): s(0.3, 0.80),
+        run_key("finetune", 1e-4): s(0.1, 0.95),
+        run_key("finetune", 3e-4): s(0.2, 0.90),
+        run_key("oracle", 1e-3): s(0.7, 0.60),  # forgets too much
+        run_key("oracle", 1e-4): s(0.4, 0.93),
+        run_key("oracle", 3e-4): s(0.6, 0.81),  # the best that keeps NF >= 0.80 - 0.01
+    }
+    view = equal_nf_view(recipe, runs)
+    assert view["target"]["value"] == 0.80
+    assert view["methods"]["oracle"]["top_em"] == 0.6 and view["methods"]["oracle"]["meets_target"]
+    assert view["methods"]["finetune"]["top_em"] == 0.3
+
+
+def test_not_to_forget_cache_is_keyed_by_what_selects_it(tmp_path, tiny_lm_dir):
+    """A changed probe field re-selects NOT-TO-FORGET instead of reusing the other probe's facts."""
+    from ckl_toolkit.evaluation.runner import select_not_to_forget
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    path = _write_recipe(tmp_path, _recipe(tmp_path, tiny_lm_dir))
+    for probe in ("task_descriptive", "task_schematic", "task_descriptive"):
+        recipe = load_recipe(EvalRecipe, path, [f"protocol.probe_field={probe}"])
+        select_not_to_forget(recipe, model, tok)
+    assert len(list((tmp_path / "run").glob("not_to_forget.*.jsonl"))) == 2

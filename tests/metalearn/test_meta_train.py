@@ -1,0 +1,137 @@
+"""End-to-end single-process meta-training on a tiny model: runs, logs, checkpoints, resumes, exports."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckl_toolkit.cli import main as cli
+from ckl_toolkit.core.config import ConfigError, load_recipe
+from ckl_toolkit.core.io import write_jsonl_atomic
+from ckl_toolkit.core.ta_model import load_ta_model
+from ckl_toolkit.meta import episode_indices, meta_train
+from ckl_toolkit.metalearn.config import MetaRecipe
+from tests.conftest import meta_pairs as pairs
+
+
+@pytest.fixture
+def meta_data(tmp_path):
+    write_jsonl_atomic(tmp_path / "train.jsonl", pairs(6))
+    write_jsonl_atomic(tmp_path / "val.jsonl", pairs(4))
+    return tmp_path
+
+
+def recipe(tiny_lm_dir, data, run_dir, *extra):
+    return load_recipe(
+        MetaRecipe,
+        None,
+        [
+            f"run_dir={run_dir}",
+            f"base.path={tiny_lm_dir}",
+            f"data.train={data / 'train.jsonl'}",
+            f"data.val={data / 'val.jsonl'}",
+            "steps=4",
+            "batch_size=2",
+            "log_every=1",
+            "val_every=2",
+            "val.pairs=2",
+            "val.epochs=1",
+            "save_every=2",
+            "progress=false",
+            "optim.lr=1e-2",
+            *extra,
+        ],
+    )
+
+
+def states_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_episode_indices_cover_each_epoch_once():
+    seen = [i for step in range(3) for i in episode_indices(6, 2, step, seed=0)]
+    assert sorted(seen) == list(range(6))
+    assert episode_indices(6, 2, 1, seed=0) == episode_indices(6, 2, 1, seed=0)
+
+
+def test_meta_train_runs_logs_and_moves_phi(tiny_lm_dir, meta_data, tmp_path):
+    ta_dir = meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "run"))
+    ta = load_ta_model(ta_dir)
+    # the head started at weight 0 / bias 4: meta-training must have moved it
+    assert ta.head.weight.abs().sum() > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["outer_loss"])) for r in records)
+    assert "val_top_em" in records[1] and "val_top_em" not in records[0]
+    assert (tmp_path / "run" / "recipe.yaml").exists()
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def test_resume_equals_uninterrupted(tiny_lm_dir, meta_data, tmp_path):
+    straight = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "a")))
+    # "killed" after step 2: a run that stopped there, then the same recipe again resumes at step 2
+    meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "b", "steps=2"))
+    resumed = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "b")))
+    assert states_equal(straight, resumed)
+    assert not states_equal(load_ta_model(tmp_path / "b" / "checkpoints" / "step_00000002" / "ta"), resumed)
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_lm_dir, meta_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ckl_toolkit.core.config import to_yaml
+
+    straight = load_ta_model(
+        meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "a", "steps=6", "save_every=1"))
+    )
+    rec = recipe(tiny_lm_dir, meta_data, tmp_path / "b", "steps=6", "save_every=1")
+    (tmp_path / "r.yaml").write_text(to_yaml(rec))
+    cmd = [sys.executable, "-m", "ckl_toolkit.meta", "--recipe", str(tmp_path / "r.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "b" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000002"):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # at an arbitrary point after step 2
+    proc.wait()
+    assert not (tmp_path / "b" / "ta").exists(), "the run finished before it could be killed"
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert states_equal(straight, load_ta_model(tmp_path / "b" / "ta"))
+
+
+def test_resume_never_refuses_existing_run(tiny_lm_dir, meta_data, tmp_path):
+    meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "c", "steps=2"))
+    with pytest.raises(ConfigError, match="resume"):
+        meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "c", "resume=never"))
+
+
+def test_bad_pairs_file_names_file_line_and_field(tiny_lm_dir, tmp_path):
+    (tmp_path / "train.jsonl").write_text(
+        '{"text": "a", "task": "b c", "object": "c"}\n{"text": "a", "task": "b"}\n'
+    )
+    (tmp_path / "val.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: missing field 'object'"):
+        meta_train(recipe(tiny_lm_dir, tmp_path, tmp_path / "run"))
+
+
+def test_cli_meta_train_dry_run_and_export(tiny_lm_dir, meta_data, tmp_path):
+    rec = tmp_path / "r.yaml"
+    rec.write_text(
+        f"base:\n  path: {tiny_lm_dir}\ndata:\n  train: {meta_data / 'train.jsonl'}\n"
+        f"run_dir: {tmp_path / 'run'}\nsteps: 2\nbatch_size: 2\nprogress: false\nval_every: 0\n"
+    )
+    runner = CliRunner()
+    dry = runner.invoke(cli, ["meta-train", "--recipe", str(rec), "--dry-run", "steps=3"])
+    assert dry.exit_code == 0 and "steps: 3" in dry.output
+    bad = runner.invoke(cli, ["validate", "--recipe", str(rec), "stepz=3"])
+    assert bad.exit_code == 2 and "stepz: unknown field" in bad.output
+    assert runner.invoke(cli, ["meta-train", "--recipe", str(rec)]).exit_code == 0
+    out = runner.invoke(cli, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "exp")])
+    assert out.exit_code == 0, out.output
+    assert states_equal(load_ta_model(tmp_path / "exp"), load_ta_model(tmp_path / "run" / "ta"))

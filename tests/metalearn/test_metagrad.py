@@ -1,0 +1,275 @@
+"""ckl_toolkit.metalearn.metagrad against the second-order reference (reference_metagrad.py).
+
+A tiny Llama that really computes in fp64 (see ``exact_fp64_llama``), B=2 documents of 10 tokens
+with padding in one row, tasks of 8 tokens with padding in the other. jvp must agree with the
+double backward to rounding (measured ~1e-15 relative); central differences in fp64 with
+fd_eps=1e-5 to ~1e-9 (truncation O(fd_eps²) ~1e-10, rounding O(1e-16/fd_eps) ~1e-11).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from ckl_toolkit.core.losses import masked_mean_nll, target_mask, token_nll, weighted_loss
+from ckl_toolkit.metalearn.metagrad import (
+    AdamState,
+    InnerStepConfig,
+    MetaGradConfig,
+    advance_state,
+    apply_step,
+    meta_gradient,
+    update_fn,
+)
+from tests.metalearn.reference_metagrad import exact_fp64_llama, reference_meta_gradient
+
+B, T, TT, VOCAB = 2, 10, 8, 64
+TOL = {"jvp": 1e-9, "central": 1e-7}  # relative to max |dL/dw|; measured ~1e-15 and ~1e-9
+FD_EPS_FP64 = 1e-5
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    doc_mask = torch.ones(B, T, dtype=torch.long)
+    doc_mask[1, 7:] = 0  # padding in one document
+    task_mask = torch.ones(B, TT, dtype=torch.long)
+    task_mask[0, 6:] = 0  # and in the other task
+    obj = torch.zeros(B, TT - 1, dtype=torch.bool)
+    obj[0, 3:5], obj[1, 4:7] = True, True
+    return {
+        "doc_ids": torch.randint(0, VOCAB, (B, T), generator=g),
+        "doc_mask": doc_mask,
+        "w": torch.rand(B, T - 1, generator=g, dtype=torch.float64) * 0.98 + 0.01,  # in (0, 1)
+        "task_ids": torch.randint(0, VOCAB, (B, TT), generator=g),
+        "task_mask": task_mask,
+        "task_obj_mask": obj,
+    }
+
+
+def _lora(model: nn.Module) -> nn.Module:
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).to(torch.float64)
+    g = torch.Generator().manual_seed(2)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at 0, which makes every grad of A zero
+            p.data.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    return {"full": exact_fp64_llama(), "lora": _lora(exact_fp64_llama())}
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_cfg(optimizer: str, method: str, mode: str, **kw) -> MetaGradConfig:
+    if optimizer == "sgd":
+        inner = InnerStepConfig(optimizer="sgd", lr=0.3)
+    else:  # the paper's: one detached warm-up step; decay to check it adds nothing to dL/dw
+        inner = InnerStepConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1, warmup_steps=1)
+    return MetaGradConfig(inner=inner, method=method, mode=mode, fd_eps=FD_EPS_FP64, **kw)
+
+
+def run_both(model: nn.Module, batch: dict, cfg: MetaGradConfig, params=None):
+    params = trainable(model) if params is None else params
+    out = meta_gradient(model, params, cfg=cfg, **batch)
+    w = batch["w"].clone().requires_grad_(True)
+    named = params if isinstance(params, dict) else trainable(model)
+    ref, ref_loss = reference_meta_gradient(model, named, cfg=cfg, **{**batch, "w": w})
+    return out, ref, ref_loss
+
+
+@pytest.mark.parametrize("which", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["independent", "batched"])
+@pytest.mark.parametrize("method", ["jvp", "central"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_matches_second_order_reference(models, batch, optimizer, method, mode, which):
+    model = models[which]
+    out, ref, ref_loss = run_both(model, batch, make_cfg(optimizer, method, mode))
+    assert ref.abs().max() > 1e-6  # a non-trivial gradient
+    assert rel_err(out.dL_dw, ref) < TOL[method]
+    assert out.dL_dw.shape == batch["w"].shape and out.dL_dw.dtype == batch["w"].dtype
+    assert torch.all(out.dL_dw[~target_mask(batch["doc_mask"])] == 0)  # zero on padding
+    assert out.outer_loss == pytest.approx(ref_loss, rel=1e-12)
+    with torch.no_grad():  # the logged losses are the ones at θ
+        nll = token_nll(model, batch["doc_ids"], batch["doc_mask"])
+        inner = weighted_loss(nll, batch["w"], target_mask(batch["doc_mask"])).item()
+        before = masked_mean_nll(
+            token_nll(model, batch["task_ids"], batch["task_mask"]), batch["task_obj_mask"]
+        )
+    assert out.inner_loss == pytest.approx(inner, rel=1e-12)
+    assert out.outer_loss_before == pytest.approx(before.item(), rel=1e-12)
+    assert out.outer_loss != pytest.approx(out.outer_loss_before, rel=1e-9)  # the step did something
+
+
+@pytest.mark.parametrize(
+    "optimizer,method,mode", [("sgd", "jvp", "batched"), ("adamw", "central", "independent")]
+)
+def test_unnormalized_twl_matches_reference(models, batch, optimizer, method, mode):
+    out, ref, _ = run_both(models["full"], batch, make_cfg(optimizer, method, mode, normalize=False))
+    assert rel_err(out.dL_dw, ref) < TOL[method]
+
+
+def test_params_as_list_equals_dict(models, batch):
+    model, cfg = models["lora"], make_cfg("sgd", "jvp", "batched")
+    as_list = meta_gradient(model, list(trainable(model).values()), cfg=cfg, **batch)
+    as_dict = meta_gradient(model, trainable(model), cfg=cfg, **batch)
+    assert torch.equal(as_list.dL_dw, as_dict.dL_dw)
+
+
+@pytest.mark.parametrize("method,fd_eps,tol", [("central", 1e-3, 1e-2), ("jvp", 1e-3, 1e-5)])
+def test_fp32_error_is_what_we_claim(models, batch, method, fd_eps, tol):
+    """fp32 is what users run. Central differences there trade truncation (fd_eps²) against
+    rounding of the two forwards (~1e-7·ℓ/fd_eps): measured 7e-4 (SGD) and 2.3e-3 (AdamW) relative
+    at the default fd_eps=1e-3, best ~2e-4 near fd_eps=3e-3..1e-2. jvp in fp32: ~3e-7."""
+    model32 = copy.deepcopy(models["full"]).float()
+    for optimizer in ("sgd", "adamw"):
+        cfg = make_cfg(optimizer, method, "batched")
+        cfg.fd_eps = fd_eps
+        out = meta_gradient(model32, trainable(model32), cfg=cfg, **{**batch, "w": batch["w"].float()})
+        w = batch["w"].clone().requires_grad_(True)
+        ref, _ = reference_meta_gradient(
+            models["full"], trainable(models["full"]), cfg=cfg, **{**batch, "w": w}
+        )
+        assert rel_err(out.dL_dw, ref) < tol
+
+
+@pytest.mark.parametrize("which", ["full", "lora"])
+@pytest.mark.parametrize("method", ["jvp", "central"])
+def test_base_left_exactly_as_found(models, batch, which, method):
+    model = models[which]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    first = next(m for m in model.modules() if m is not model)
+    first.eval()  # a mixed train/eval state must come back as it was
+    modes = {m: m.training for m in model.modules()}
+    try:
+        cfg = make_cfg("adamw", method, "independent")
+        meta_gradient(model, trainable(model), cfg=cfg, **batch)
+        after_modes = {m: m.training for m in model.modules()}
+    finally:
+        model.eval()
+    assert after_modes == modes
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class EmbeddingPhi(nn.Module):
+    """A tiny φ: one logit per vocabulary entry, w = sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 1, dtype=torch.float64)
+        nn.init.normal_(self.emb.weight, 1.0, 1.0, generator=torch.Generator().manual_seed(3))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.emb(ids).squeeze(-1))[:, 1:]  # (B, T-1): position t weights target x_t
+
+
+@pytest.mark.parametrize("optimizer,mode", [("adamw", "independent"), ("sgd", "batched")])
+def test_surrogate_backward_gives_phi_the_reference_gradient(models, batch, optimizer, mode):
+    model, cfg = models["full"], make_cfg(optimizer, "jvp", mode)
+    phi = EmbeddingPhi()
+    w = phi(batch["doc_ids"])  # (B, T-1), carries φ's graph
+    out = meta_gradient(model, trainable(model), cfg=cfg, **{**batch, "w": w})
+    assert phi.emb.weight.grad is None  # meta_gradient built no graph into w
+    (w * out.dL_dw).sum().backward()  # the surrogate
+    ours = phi.emb.weight.grad.clone()
+
+    phi.zero_grad(set_to_none=True)
+    ref, _ = reference_meta_gradient(
+        model, trainable(model), cfg=cfg, **{**batch, "w": phi(batch["doc_ids"])}
+    )
+    theirs = torch.autograd.grad((phi(batch["doc_ids"]) * ref).sum(), phi.emb.weight)[
+        0
+    ]  # = dL/dφ by the chain rule through w
+    assert theirs.abs().max() > 0
+    assert rel_err(ours, theirs) < 1e-9
+
+
+def test_zero_outer_signal_gives_zero_gradient(models, batch):
+    no_objects = {**batch, "task_obj_mask": torch.zeros_like(batch["task_obj_mask"])}
+    for method in ("jvp", "central"):
+        out = meta_gradient(
+            models["full"], trainable(models["full"]), cfg=make_cfg("sgd", method, "batched"), **no_objects
+        )
+        assert torch.all(out.dL_dw == 0)
+
+
+def test_adamw_effective_eps_from_fresh_state():
+    """The paper's 1e-8 inside the sqrt: from a fresh state u = lr·g/sqrt(g² + 1e-8/(1−β2)),
+    an effective eps of sqrt(1e-5) ≈ 3.16e-3; a stock Adam step is ≈ lr·sign(g) however small g is."""
+    cfg = InnerStepConfig(optimizer="adamw", lr=1.0)
+    fresh = AdamState((torch.zeros(4, dtype=torch.float64),), (torch.zeros(4, dtype=torch.float64),))
+    g = torch.tensor([1e-5, 1e-3, math.sqrt(1e-5), 1.0], dtype=torch.float64)
+    u = update_fn(cfg, fresh)(0, g)
+    assert torch.allclose(u, g / torch.sqrt(g**2 + 1e-5), rtol=1e-4)
+    assert u[2].item() == pytest.approx(1 / math.sqrt(2), rel=1e-4)  # |u| = lr/√2 at |g| = eps_eff
+    stock = update_fn(InnerStepConfig(optimizer="adamw", lr=1.0, second_moment_eps=0.0), fresh)(0, g)
+    assert stock[0].item() > 0.99 and stock[1].item() > 0.99
+
+
+def test_adamw_without_inner_eps_is_torch_adamw():
+    """With second_moment_eps=0 our step (and state) is torch.optim.AdamW's, decoupled decay included."""
+    cfg = InnerStepConfig(
+        optimizer="adamw", lr=0.05, betas=(0.8, 0.95), weight_decay=0.1, second_moment_eps=0.0
+    )
+    gen = torch.Generator().manual_seed(4)
+    p = nn.Parameter(torch.randn(5, 3, generator=gen, dtype=torch.float64))
+    ours, state = p.detach().clone(), AdamState((torch.zeros_like(p),), (torch.zeros_like(p),))
+    opt = torch.optim.AdamW([p], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    for _ in range(3):
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        apply_step([ours], (ours.clone(),), [g], update_fn(cfg, state), cfg)
+        state = advance_state(cfg, state, [g])
+        p.grad = g
+        opt.step()
+    assert torch.allclose(ours, p.detach(), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"inner": {"optimizer": "adam"}}, "inner.optimizer"),
+        ({"inner": {"lr": 0.0}}, "inner.lr"),
+        ({"inner": {"betas": (0.9, 1.0)}}, "inner.betas"),
+        ({"inner": {"warmup_steps": -1}}, "inner.warmup_steps"),
+        ({"method": "fd"}, "method"),
+        ({"mode": "joint"}, "mode"),
+        ({"fd_eps": 0.0}, "fd_eps"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}[=:]"):
+        MetaGradConfig(**kwargs)
+
+
+def test_recipe_loader_names_the_dotted_field():
+    """Through the recipe loader the section prefix is added: meta.inner.optimizer."""
+    from ckl_toolkit.core.config import ConfigError, from_dict
+
+    cfg = from_dict(MetaGradConfig, {"inner": {"optimizer": "adamw", "betas": [0.9, 0.99]}}, prefix="meta.")
+    assert cfg.inner.betas == (0.9, 0.99)
+    with pytest.raises(ConfigError, match="meta.inner.optimizer"):
+        from_dict(MetaGradConfig, {"inner": {"optimizer": "adam"}}, prefix="meta.")
+
+
+def test_rejects_bad_inputs(models, batch):
+    model = models["full"]
+    with pytest.raises(ValueError, match="w must be"):
+        meta_gradient(model, trainable(model), cfg=MetaGradConfig(), **{**batch, "w": batch["w"][:, 1:]})
+    with pytest.raises(ValueError, match="not parameters of the base"):
+        meta_gradient(model, [nn.Parameter(torch.zeros(1))], cfg=MetaGradConfig(), **batch)

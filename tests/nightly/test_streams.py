@@ -1,0 +1,384 @@
+"""Document streams: order, exact resume, exactly-once, quarantine, CSV/parquet/hf sources, batches."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from ckl_toolkit.core.config import ConfigError, from_dict
+from ckl_toolkit.nightly.streams import (
+    RENDERED_TRIPLES,
+    DocumentLedger,
+    DocumentStream,
+    Position,
+    StreamConfig,
+    StreamError,
+    batches,
+    resolve_shards,
+)
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def write_lines(path, lines: list, mode: str = "wb") -> str:
+    """Write JSONL: dicts are dumped, bytes and str go as they are (each ends with a newline)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, mode) as f:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+    return str(path)
+
+
+def docs(prefix: str, n: int, start: int = 0) -> list[dict]:
+    return [
+        {"id": f"{prefix}{i}", "text": f"document {prefix}{i} says {i * 'x'}."}
+        for i in range(start, start + n)
+    ]
+
+
+def cfg(tmp_path, paths, **kw) -> StreamConfig:
+    kw.setdefault("quarantine_dir", str(tmp_path / "quarantine"))
+    return StreamConfig(paths=[str(p) for p in paths], **kw)
+
+
+def read_all(config: StreamConfig, position=None) -> tuple[list, DocumentStream]:
+    stream = DocumentStream(config, position)
+    return list(stream), stream
+
+
+def quarantine_records(tmp_path, shard_name: str) -> list[dict]:
+    path = tmp_path / "quarantine" / f"{shard_name}.jsonl"
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level with no merges: one token per UTF-8 byte, so lengths are known exactly."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+# ---------------------------------------------------------------------------------------------
+# config, order, positions
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"paths": "a.jsonl"}, "paths"),
+        ({"paths": []}, "paths"),
+        ({"paths": ["a"], "format": "xml"}, "format"),
+        ({"paths": ["a"], "on_error": "ignore"}, "on_error"),
+        ({"paths": ["a"], "max_chars": 0}, "max_chars"),
+        ({"paths": ["a"], "text_field": ""}, "text_field"),
+        ({"paths": ["a"], "on_error": "quarantine"}, "quarantine_dir"),
+        ({"paths": ["a"], "on_error": "fatal", "triple_template": "{subj}"}, "triple_template"),
+    ],
+)
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(ConfigError, match=rf"^{field}\b"):
+        StreamConfig(**kw)
+
+
+def test_config_errors_nested_in_a_recipe_name_the_dotted_field():
+    with pytest.raises(ConfigError, match=r"^stream\.max_chars: "):
+        from_dict(StreamConfig, {"paths": ["a"], "on_error": "fatal", "max_chars": -1}, prefix="stream.")
+
+
+def test_order_is_sorted_over_dirs_and_globs_and_skips_hidden(tmp_path):
+    d = tmp_path / "in"
+    write_lines(d / "b.jsonl", docs("b", 2))
+    write_lines(d / "a.jsonl", [{**r, "time": "2021-09-01", "source": "wiki"} for r in docs("a", 2)])
+    write_lines(d / "sub" / "c.jsonl", docs("c", 1))
+    write_lines(d / ".a.jsonl.123.tmp", docs("tmp", 1))  # a writer's half-done atomic write
+    write_lines(d / ".hidden" / "h.jsonl", docs("h", 1))
+    (d / "README.md").write_text("not a shard")
+    write_lines(tmp_path / "extra" / "0.jsonl", docs("z", 1))
+
+    config = cfg(tmp_path, [d, tmp_path / "extra" / "*.jsonl", d / "a.jsonl"])
+    got, stream = read_all(config)
+    assert [x.id for x in got] == ["z0", "a0", "a1", "b0", "b1", "c0"]  # extra/ sorts before in/
+    assert stream.shards() == sorted(stream.shards())
+    assert got[1].meta == {"time": "2021-09-01", "source": "wiki"}
+    assert (got[1].shard, got[1].line, got[2].line) == (str(d / "a.jsonl"), 1, 2)
+    assert stream.stats.read == 6 and stream.stats.quarantined == 0
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        resolve_shards([str(tmp_path / "nope.jsonl")])
+
+
+def test_resume_from_serialized_position_yields_exactly_the_rest(tmp_path):
+    write_lines(tmp_path / "s1.jsonl", docs("a", 4))
+    write_lines(tmp_path / "s2.jsonl", [*docs("b", 2), "", "{broken", *docs("b", 3, start=2)])
+    write_lines(tmp_path / "s3.jsonl", docs("c", 3))
+    config = cfg(tmp_path, [tmp_path])
+    full, stream = read_all(config)
+    assert len(full) == 12
+    assert (tmp_path / "quarantine" / "s2.jsonl.jsonl").exists()  # under the input dir, yet not a shard:
+    assert stream.shards() == [str(tmp_path / f"s{i}.jsonl") for i in (1, 2, 3)]
+    for k in range(len(full) + 1):
+        stream = DocumentStream(config)
+        taken = [d for _, d in zip(range(k), stream)]
+        saved = json.loads(json.dumps(stream.position.to_json()))
+        rest, _ = read_all(config, Position.from_json(saved))
+        assert [d.id for d in taken + rest] == [d.id for d in full], k
+    # a document's own position is the same resume point
+    rest, _ = read_all(config, full[5].position.to_json())
+    assert [d.id for d in rest] == [d.id for d in full[6:]]
+
+
+# ---------------------------------------------------------------------------------------------
+# exactly once
+
+
+def nightly_pass(config: StreamConfig, ledger_path, crash_after: int | None = None) -> list[str]:
+    """What `ckl update` does with the blocks: learn unseen documents, commit the ledger at the end."""
+    ledger = DocumentLedger(ledger_path)
+    stream = DocumentStream(config)
+    learned = []
+    for doc in ledger.unseen(stream, stream.stats):
+        if crash_after is not None and len(learned) == crash_after:
+            return learned  # killed before commit
+        learned.append(doc.id)
+        ledger.mark([doc])
+    ledger.commit()
+    return learned
+
+
+def test_exactly_once_over_runs_with_a_growing_stream(tmp_path):
+    shards, ledger = tmp_path / "shards", tmp_path / "state" / "ledger.json"
+    write_lines(shards / "2021-09-01.jsonl", docs("a", 3))
+    write_lines(shards / "2021-09-02.jsonl", [*docs("b", 2), {"text": "an id-less document"}])
+    config = cfg(tmp_path, [shards])
+
+    first = nightly_pass(config, ledger)
+    assert len(first) == 6 and first[-1].startswith("sha256:")
+
+    # between runs: lines appended to a shard, a shard added after and one before the others,
+    # a re-sent document (same id) and a re-sent id-less text
+    write_lines(
+        shards / "2021-09-02.jsonl", [*docs("b", 2, start=2), {"text": "an id-less document"}], mode="ab"
+    )
+    write_lines(shards / "2021-09-03.jsonl", [*docs("c", 2), docs("a", 1)[0]])
+    write_lines(shards / "2021-08-31.jsonl", docs("late", 1))
+    assert nightly_pass(config, ledger, crash_after=2) == ["late0", "b2"]  # killed: not committed
+
+    second = nightly_pass(config, ledger)
+    assert second == ["late0", "b2", "b3", "c0", "c1"]
+    assert nightly_pass(config, ledger) == []
+    everything = first + second
+    assert len(everything) == len(set(everything)) == 11
+    saved = json.loads(ledger.read_text())
+    assert saved["count"] == 11 and sorted(saved["ids"]) == sorted(everything)
+    assert [p.name for p in ledger.parent.iterdir()] == ["ledger.json"]  # no temp files left
+
+
+def test_ledger_duplicates_in_one_pass_and_corrupt_file(tmp_path):
+    write_lines(tmp_path / "s.jsonl", [*docs("a", 2), docs("a", 1)[0]])
+    stream = DocumentStream(cfg(tmp_path, [tmp_path / "s.jsonl"]))
+    ledger = DocumentLedger(tmp_path / "ledger.json")
+    assert [d.id for d in ledger.unseen(stream, stream.stats)] == ["a0", "a1"]
+    assert stream.stats.skipped["duplicate"] == 1
+    (tmp_path / "ledger.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable ledger"):
+        DocumentLedger(tmp_path / "ledger.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+BAD_LINES = [
+    ('{"id": "j", "text": "cut', "<json>", "bad_json"),
+    ("[1, 2]", "<json>", "bad_json"),
+    ('{"id": "m", "body": "no text field"}', "text", "missing_field"),
+    ('{"id": "n", "text": 5}', "text", "bad_type"),
+    ('{"id": "e", "text": "   "}', "text", "empty_text"),
+    ('{"id": "l", "text": "' + "y" * 500 + '"}', "text", "too_long"),
+    (b'{"id": "u", "text": "caf\xe9 latin-1"}', "<bytes>", "non_utf8"),
+    ('{"id": ["x"], "text": "a list as id"}', "id", "bad_type"),
+]
+
+
+@pytest.mark.parametrize("bad, field, kind", BAD_LINES, ids=[k for _, _, k in BAD_LINES])
+def test_bad_line_is_quarantined_with_file_line_field(tmp_path, bad, field, kind):
+    shard = write_lines(tmp_path / "in" / "shard.jsonl", [docs("g", 1)[0], bad, docs("g", 2)[1]])
+    got, stream = read_all(cfg(tmp_path, [shard], max_chars=100))
+    assert [d.id for d in got] == ["g0", "g1"]
+    assert stream.stats.quarantined == 1 and stream.stats.skipped == {kind: 1}
+    (record,) = quarantine_records(tmp_path, "shard.jsonl")
+    assert (record["shard"], record["line"], record["field"], record["kind"]) == (shard, 2, field, kind)
+    raw = bad if isinstance(bad, bytes) else bad.encode()
+    assert base64.b64decode(record["raw_base64"]) == raw if "raw_base64" in record else record["raw"] == bad
+    read_all(cfg(tmp_path, [shard], max_chars=100))  # meeting it again does not duplicate the record
+    assert len(quarantine_records(tmp_path, "shard.jsonl")) == 1
+
+
+@pytest.mark.parametrize("bad, field, kind", BAD_LINES, ids=[k for _, _, k in BAD_LINES])
+def test_bad_line_is_fatal_naming_file_line_field(tmp_path, bad, field, kind):
+    shard = write_lines(tmp_path / "shard.jsonl", [docs("g", 1)[0], bad])
+    stream = DocumentStream(cfg(tmp_path, [shard], max_chars=100, on_error="fatal", quarantine_dir=None))
+    with pytest.raises(StreamError) as err:
+        list(stream)
+    assert str(err.value).startswith(f"{shard}:2: {field}: ")
+    assert (err.value.line, err.value.field) == (2, field)
+    assert not (tmp_path / "quarantine").exists()
+
+
+def test_unterminated_last_line_waits_for_the_writer(tmp_path):
+    shard = tmp_path / "s.jsonl"
+    write_lines(shard, docs("a", 2))
+    with open(shard, "ab") as f:
+        f.write(b'{"id": "a2", "text": "half wri')
+    got, stream = read_all(cfg(tmp_path, [shard], on_error="fatal", quarantine_dir=None))
+    assert [d.id for d in got] == ["a0", "a1"] and stream.stats.skipped == {"incomplete_tail": 1}
+    assert stream.position == Position(str(shard), 2)
+    with open(shard, "ab") as f:
+        f.write(b'tten"}')  # complete but still no newline: it parses, so it is read
+    rest, _ = read_all(cfg(tmp_path, [shard]), stream.position)
+    assert [d.id for d in rest] == ["a2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV, parquet, hf
+
+
+TRIPLES_CSV = (
+    b"subject,relation,object\n"
+    b"Nagpur Metro Rail,has part,Congress Nagar\n"
+    b'"Kool & The Gang, Inc.",has part,Ronald Bell\n'
+    b",composer,Paul McCartney\n"
+    b"Turnberry Lighthouse,color\n"
+    b"Come and Get It,composer,Paul McCartney\n"
+    b"Caf\xe9 Tacuba,genre,rock\n"  # latin-1, not UTF-8
+)
+
+
+def test_csv_triples_are_rendered_and_bad_rows_quarantined(tmp_path):
+    shard = tmp_path / "0801-0901_changed.csv"
+    shard.write_bytes(TRIPLES_CSV)
+    got, stream = read_all(cfg(tmp_path, [shard]))
+    assert [d.text for d in got] == [
+        "Nagpur Metro Rail has part Congress Nagar.",
+        "Kool & The Gang, Inc. has part Ronald Bell.",
+        "Come and Get It composer Paul McCartney.",
+    ]
+    assert [d.line for d in got] == [2, 3, 6]
+    assert got[0].meta == {
+        "source": RENDERED_TRIPLES,
+        "subject": "Nagpur Metro Rail",
+        "relation": "has part",
+        "object": "Congress Nagar",
+    }
+    assert got[0].id.startswith("sha256:") and len({d.id for d in got}) == 3
+    records = quarantine_records(tmp_path, shard.name)
+    assert [(r["line"], r["field"], r["kind"]) for r in records] == [
+        (4, "subject", "missing_field"),
+        (5, "<row>", "bad_columns"),
+        (7, "subject", "non_utf8"),
+    ]
+    assert base64.b64decode(records[2]["raw_base64"]) == b"Caf\xe9 Tacuba,genre,rock"
+    rest, _ = read_all(cfg(tmp_path, [shard]), got[1].position)
+    assert [d.line for d in rest] == [6]
+
+
+def test_csv_with_text_column(tmp_path):
+    shard = tmp_path / "docs.csv"
+    text = 'id,text,time\nd1,"first, with a comma",2021-09\nd2,second,2021-10\n'
+    shard.write_text(text, encoding="utf-8-sig")  # with the byte-order mark spreadsheets write
+    got, _ = read_all(cfg(tmp_path, [shard]))
+    assert [(d.id, d.text, d.meta) for d in got] == [
+        ("d1", "first, with a comma", {"time": "2021-09"}),
+        ("d2", "second", {"time": "2021-10"}),
+    ]
+
+
+def test_parquet_source_rows_positions_and_nulls(tmp_path):
+    shard = tmp_path / "p.parquet"
+    table = pa.table(
+        {"id": ["p0", "p1", "p2", "p3"], "text": ["zero", None, "two", "three"], "time": [1, 2, 3, 4]}
+    )
+    pq.write_table(table, shard, row_group_size=2)
+    got, stream = read_all(cfg(tmp_path, [shard]))
+    assert [(d.id, d.line, d.meta["time"]) for d in got] == [("p0", 1, 1), ("p2", 3, 3), ("p3", 4, 4)]
+    (record,) = quarantine_records(tmp_path, "p.parquet")
+    assert (record["line"], record["field"]) == (2, "text") and json.loads(record["raw"])["id"] == "p1"
+    rest, _ = read_all(cfg(tmp_path, [shard]), got[1].position)
+    assert [d.id for d in rest] == ["p3"]
+
+
+def test_hf_datasets_streaming_matches_the_native_readers(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_lines(tmp_path / "a.jsonl", docs("a", 3))
+    (tmp_path / "b.csv").write_text("subject,relation,object\nKim Dotcom,native language,German\n")
+    native, _ = read_all(cfg(tmp_path, [tmp_path]))
+    streamed, _ = read_all(cfg(tmp_path, [tmp_path], format="hf"))
+    assert [(d.id, d.text, d.meta) for d in streamed] == [(d.id, d.text, d.meta) for d in native]
+    assert len(streamed) == 4 and streamed[-1].meta["source"] == RENDERED_TRIPLES
+    # hf counts rows, the csv reader physical lines (header = line 1)
+    assert [d.line for d in streamed] == [1, 2, 3, 1] and native[-1].line == 2
+    rest, _ = read_all(cfg(tmp_path, [tmp_path], format="hf"), streamed[1].position)
+    assert [d.id for d in rest] == [d.id for d in native[2:]]
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+def doc_stream(tmp_path, texts: list[str]) -> StreamConfig:
+    write_lines(tmp_path / "s.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
+    return cfg(tmp_path, [tmp_path / "s.jsonl"])
+
+
+TEXTS = ["short", "exactly8", "a document of twenty", "x", "nineteen characters", "ok"]
+
+
+def test_padded_batches_split_long_documents_into_windows(tmp_path, tokenizer):
+    stream = DocumentStream(doc_stream(tmp_path, TEXTS))
+    out = list(batches(stream, tokenizer, max_length=8, batch_size=3, stats=stream.stats))
+    rows = [(ids[m.bool()].tolist()) for b in out for ids, m in zip(b["input_ids"], b["attention_mask"])]
+    expected = [ids[i : i + 8] for ids in tokenizer(TEXTS)["input_ids"] for i in range(0, len(ids), 8)]
+    assert rows == expected  # every token, in order, one document per row: nothing truncated
+    assert stream.stats.split_docs == 2 and stream.stats.tokens == sum(len(t) for t in TEXTS)
+    assert out[0]["input_ids"].shape == (3, 8) and out[0]["input_ids"].dtype == torch.long
+    assert out[0]["doc_ids"] == ["d0", "d1", "d2"] and out[0]["texts"][2] == TEXTS[2]
+    assert [d.id for d in out[0]["completed"]] == ["d0", "d1"]  # d2 continues in the next batch
+    assert [d.id for b in out for d in b["completed"]] == [f"d{i}" for i in range(6)]
+    assert (out[-1]["input_ids"][out[-1]["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+
+
+def test_packed_batches_fill_rows_with_eos_between_documents(tmp_path, tokenizer):
+    out = list(
+        batches(DocumentStream(doc_stream(tmp_path, TEXTS)), tokenizer, max_length=8, batch_size=2, pack=True)
+    )
+    flat = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in out]).tolist()
+    assert flat == [t for ids in tokenizer(TEXTS)["input_ids"] for t in ids + [tokenizer.eos_token_id]]
+    masks = torch.cat([b["attention_mask"] for b in out])
+    assert masks[:-1].all() and masks.shape[1] == 8  # only the very last row is short
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_batches_resume_exactly_after_any_batch(tmp_path, tokenizer, pack):
+    config = doc_stream(tmp_path, TEXTS * 2)
+    full = list(batches(DocumentStream(config), tokenizer, 8, 2, pack=pack))
+    assert len(full) > 4
+    for k, done in enumerate(full):
+        saved = json.loads(json.dumps(done["position"]))
+        rest = list(batches(DocumentStream(config, saved), tokenizer, 8, 2, pack=pack, start=saved))
+        assert len(rest) == len(full) - k - 1
+        for a, b in zip(rest, full[k + 1 :]):
+            assert torch.equal(a["input_ids"], b["input_ids"]) and a["doc_ids"] == b["doc_ids"]
+            assert [d.id for d in a["completed"]] == [d.id for d in b["completed"]]
