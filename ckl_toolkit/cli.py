@@ -205,7 +205,7 @@ def eval_cmd(recipe: Path, dry_run: bool, report: bool, overrides: tuple[str, ..
     if dry_run:
         click.echo(to_yaml(r))
         return
-    from ckl_toolkit.evaluation.runner import run_eval
+    from ckl_toolkit.evaluate import run_eval
 
     try:
         run_eval(r)

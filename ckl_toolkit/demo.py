@@ -1,7 +1,8 @@
 """``ckl demo``: the whole method on an embedded synthetic world, on CPU.
 
     synthetic world -> pretrain a tiny Llama (cached) -> meta-train a TA model
-    -> LAMA-ckl protocol for uniform fine-tuning, TAALM and the oracle -> table + report.json
+    -> LAMA-ckl protocol (``ckl eval``'s, i.e. the nightly job's training code) for uniform
+       fine-tuning, TAALM and the oracle -> table + report.json
 
 Every stage writes under ``--out`` and is reused when its inputs have not changed, so a second run
 (or a run resumed after a kill) skips the finished stages.
@@ -15,17 +16,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ckl_toolkit.core.config import load_recipe, to_dict
-from ckl_toolkit.core.io import read_jsonl, write_json_atomic
-from ckl_toolkit.core.ta_model import load_ta_model
+from ckl_toolkit.core.io import write_json_atomic
 from ckl_toolkit.data.pretrain import PretrainConfig, pretrain
-from ckl_toolkit.data.world import WorldConfig, build_world, select_known, write_world
-from ckl_toolkit.evaluation.lama_ckl import ProtocolConfig, run_lama_ckl
+from ckl_toolkit.data.world import WorldConfig, build_world, write_world
+from ckl_toolkit.evaluate import run_lama_benchmark
+from ckl_toolkit.evaluation.config import EvalRecipe
 from ckl_toolkit.meta import meta_train
 from ckl_toolkit.metalearn.config import MetaRecipe
-from ckl_toolkit.training.weighting import OracleWeights, TrainAttentionWeights, UniformWeights
+
+# The demo's three rows: name in the table -> method of ``ckl eval``.
+METHODS = {"uniform": "finetune", "taalm": "taalm", "oracle": "oracle"}
 
 
 @dataclass
@@ -35,8 +37,7 @@ class DemoPlan:
     world: WorldConfig
     pretrain: PretrainConfig
     meta_overrides: list[str]
-    protocol: ProtocolConfig
-    nf_limit: int
+    eval_overrides: list[str]
 
     @classmethod
     def make(cls, quick: bool, seed: int = 0) -> DemoPlan:
@@ -45,20 +46,19 @@ class DemoPlan:
             "optim.lr=3e-4", "batch_size=8", "val.pairs=32", "val.epochs=3", "base.attn_implementation=sdpa",
             f"seed={seed}",
         ]  # fmt: skip
+        protocol = ["optim.lr=3e-4", "batching.batch_size=8", "batching.shuffle=true", f"seed={seed}"]
         if quick:
             return cls(
                 WorldConfig.quick(seed),
                 PretrainConfig.quick(seed=seed),
                 meta + ["steps=120", "val_every=0", "save_every=60", "log_every=10"],
-                ProtocolConfig(epochs=5, lr=3e-4, batch_size=8, seed=seed),
-                nf_limit=200,
+                protocol + ["protocol.epochs=5", "data.nf_limit=200"],
             )
         return cls(
             WorldConfig.default(seed),
             PretrainConfig.default(seed=seed),
             meta + ["steps=400", "val_every=100", "save_every=50", "log_every=10"],
-            ProtocolConfig(epochs=6, lr=3e-4, batch_size=8, seed=seed),
-            nf_limit=300,
+            protocol + ["protocol.epochs=6", "data.nf_limit=300"],
         )
 
 
@@ -69,18 +69,6 @@ def _world(plan: DemoPlan, out: Path) -> Path:
     if info.exists() and json.loads(info.read_text()).get("config") == asdict(plan.world):
         return world_dir
     return write_world(build_world(plan.world), world_dir)
-
-
-def _load_lm(path: Path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-
-
-def _methods(ta_dir: Path) -> dict:
-    return {
-        "uniform": UniformWeights(),
-        "taalm": TrainAttentionWeights(load_ta_model(ta_dir)),
-        "oracle": OracleWeights(),
-    }
 
 
 def format_table(methods: dict[str, dict]) -> str:
@@ -116,47 +104,35 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, progress: bool
         f"data.val={world_dir / 'meta_val.jsonl'}",
         f"progress={str(progress).lower()}",
     ]
-    recipe = load_recipe(MetaRecipe, None, plan.meta_overrides + overrides)
-    ta_dir = meta_train(recipe)
+    meta = load_recipe(MetaRecipe, None, plan.meta_overrides + overrides)
+    ta_dir = meta_train(meta)
 
     print("[4/4] LAMA-ckl protocol: uniform, TAALM, oracle")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    to_learn = read_jsonl(world_dir / "to_learn.jsonl")
-    nf = select_known(
-        _load_lm(base_dir),
-        tokenizer,
-        read_jsonl(world_dir / "not_to_forget_candidates.jsonl"),
-        limit=plan.nf_limit,
-    )
-    results = {}
-    for name, source in _methods(ta_dir).items():
-        res = run_lama_ckl(
-            _load_lm(base_dir), tokenizer, to_learn, nf, source, plan.protocol, progress=progress
-        )
-        results[name] = res.summary()
-        print(
-            f"  {name:<8} top EM {results[name]['top_em']:.3f}  NF EM {results[name]['nf_em']:.3f}  "
-            f"({res.seconds:.0f} s)"
-        )
-
+    evaluation = load_recipe(EvalRecipe, None, plan.eval_overrides + [
+        f"run_dir={out / 'eval'}", f"target.path={base_dir}", f"weights.ta_path={ta_dir}",
+        "data.kind=synthetic", f"data.dir={world_dir}", f"methods=[{', '.join(METHODS.values())}]",
+        f"progress={str(progress).lower()}",
+    ])  # fmt: skip
+    results = run_lama_benchmark(evaluation)
+    methods = {name: results["methods"][m] for name, m in METHODS.items()}
     report = {
-        "methods": results,
+        "methods": methods,
         "config": {
             "quick": quick,
             "seed": seed,
             "world": asdict(plan.world),
             "pretrain": asdict(plan.pretrain),
-            "meta": to_dict(recipe),
-            "protocol": asdict(plan.protocol),
-            "to_learn": len(to_learn),
-            "not_to_forget": len(nf),
+            "meta": to_dict(meta),
+            "eval": to_dict(evaluation),
+            "to_learn": results["data"]["to_learn"],
+            "not_to_forget": results["data"]["not_to_forget"],
         },
         "seconds": time.perf_counter() - start,
     }
     write_json_atomic(out / "report.json", report)
     print()
-    print(format_table(results))
-    ratio = results["taalm"]["top_em"] / max(results["oracle"]["top_em"], 1e-9)
+    print(format_table(methods))
+    ratio = methods["taalm"]["top_em"] / max(methods["oracle"]["top_em"], 1e-9)
     print(
         f"\nTAALM / Oracle (exact match): {ratio:.2f}   total {report['seconds']:.0f} s"
         f"   -> {out / 'report.json'}"

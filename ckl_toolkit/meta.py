@@ -45,7 +45,7 @@ from ckl_toolkit.core.checkpoint import (
 )
 from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, to_yaml
 from ckl_toolkit.core.io import MetricsLogger, read_jsonl, write_text_atomic
-from ckl_toolkit.core.models import load_causal_lm, trainable_parameters
+from ckl_toolkit.core.models import LoraSpec, load_causal_lm, trainable_parameters
 from ckl_toolkit.core.ta_model import TrainAttentionModel, build_ta_model, load_ta_model, save_ta_model
 from ckl_toolkit.core.text import encode, object_target_mask
 from ckl_toolkit.distributed import (
@@ -64,10 +64,12 @@ from ckl_toolkit.distributed import (
     shutdown,
     ta_engine,
 )
-from ckl_toolkit.evaluation.lama_ckl import ProtocolConfig, run_lama_ckl
+from ckl_toolkit.evaluation.lama_ckl import run_lama_ckl
 from ckl_toolkit.metalearn.config import MetaRecipe
 from ckl_toolkit.metalearn.metagrad import meta_gradient
-from ckl_toolkit.training.weighting import TrainAttentionWeights
+from ckl_toolkit.training.learner import build_learner
+from ckl_toolkit.training.sections import BatchSpec, MixReviewSpec, OptimSpec, TargetSpec, WeightSpec
+from ckl_toolkit.training.weighers import TokenWeigher, TrainAttentionWeights
 
 PAIR_FIELDS = ("text", "task", "object")
 
@@ -154,22 +156,29 @@ def weight_stats(w: torch.Tensor, batch: EpisodeBatch) -> dict[str, float]:
     }
 
 
-def validate(ta: TrainAttentionModel, base_spec, tokenizer, val_rows: list[dict], recipe: MetaRecipe) -> dict:
-    """The Top-Acc protocol on a few held-out facts: fine-tune a fresh base copy with φ's weights."""
+def validate(ta: TrainAttentionModel, base_spec, val_rows: list[dict], recipe: MetaRecipe) -> dict:
+    """The Top-Acc protocol on a few held-out facts: fine-tune a fresh base copy with φ's weights.
+
+    It runs ``ckl eval``'s LAMA-ckl protocol (the nightly job's training code) under its own RNG, so
+    validating does not change the meta-training run.
+    """
     rows = [
         {"evidence": r["text"], "task_descriptive": r["task"], "object": r["object"]}
         for r in val_rows[: recipe.val.pairs]
     ]
-    target = load_causal_lm(base_spec)  # fresh θ for every validation
-    cfg = ProtocolConfig(
-        epochs=recipe.val.epochs,
-        lr=recipe.val.lr,
-        batch_size=recipe.val.batch_size,
-        max_length=recipe.data.max_length,
-        seed=recipe.seed,
-    )
+    b = base_spec
+    kind, lora = ("lora", b.lora) if b.lora else ("full", LoraSpec())
+    target = TargetSpec(b.path, kind, b.dtype, b.attn_implementation, lora)
     ta_was_training = ta.training
-    res = run_lama_ckl(target, tokenizer, rows, [], TrainAttentionWeights(ta), cfg, progress=False)
+    with torch.random.fork_rng():
+        weigher = TokenWeigher("taalm", TrainAttentionWeights(ta))
+        learner = build_learner(target, WeightSpec(), OptimSpec(lr=recipe.val.lr), None, recipe.seed,
+                                torch.device("cpu"), weigher=weigher)  # fmt: skip
+        batching = BatchSpec(
+            max_length=recipe.data.max_length, batch_size=recipe.val.batch_size, shuffle=True
+        )
+        res = run_lama_ckl(learner, rows, [], recipe.val.epochs, batching, MixReviewSpec(), recipe.seed,
+                           progress=False)  # fmt: skip
     ta.train(ta_was_training).requires_grad_(True)
     s = res.summary()
     return {"val_top_acc": s["top_acc"], "val_top_em": s["top_em"], "val_em_epoch": s["em_epoch"]}
@@ -339,7 +348,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
             if val_rows and (done == recipe.steps or (recipe.val_every and done % recipe.val_every == 0)):
                 full = ta if engine is None else consolidated_ta(engine, ctx)  # collective; rank 0 validates
                 if ctx.is_main:
-                    record.update(validate(full, recipe.base, tokenizer, val_rows, recipe))
+                    record.update(validate(full, recipe.base, val_rows, recipe))
             metrics.log(**record)
             bar.set_postfix(
                 outer=f"{record['outer_loss']:.3f}",

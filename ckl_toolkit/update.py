@@ -25,7 +25,6 @@ if not __package__:  # run as a script: sys.path[0] is ckl_toolkit/, whose subpa
 import argparse
 import json
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -34,10 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ckl_toolkit.core.checkpoint import latest_checkpoint
-from ckl_toolkit.core.config import ConfigError, load_recipe, to_yaml
-from ckl_toolkit.core.io import MetricsLogger, write_json_atomic, write_text_atomic
-from ckl_toolkit.core.losses import target_mask, token_nll, weighted_loss
-from ckl_toolkit.core.text import Encoded
+from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, to_yaml
+from ckl_toolkit.core.io import MetricsLogger, write_text_atomic
 from ckl_toolkit.distributed import (
     DistContext,
     broadcast_object,
@@ -46,35 +43,24 @@ from ckl_toolkit.distributed import (
     shutdown,
 )
 from ckl_toolkit.nightly.config import UpdateRecipe
-from ckl_toolkit.nightly.contract import (
-    ExitCode,
-    LockedError,
-    NonFiniteGuard,
-    RunLock,
-    current_version,
-    exit_code_for,
-)
+from ckl_toolkit.nightly.contract import ExitCode, LockedError, RunLock, current_version, exit_code_for
+from ckl_toolkit.nightly.ledger import DocumentLedger
+from ckl_toolkit.nightly.plan import collect_plan, load_plan, new_run_id
 from ckl_toolkit.nightly.run import (
     LEDGER_FILE,
-    build_weigher,
-    collect_plan,
-    epoch_items,
+    RunSummary,
+    UpdateState,
     finish_work,
-    load_plan,
     load_step,
-    new_run_id,
-    plan_documents,
     publish,
     save_step,
     versions_info,
-)  # fmt: skip
-from ckl_toolkit.nightly.streams import DocumentLedger, StreamStats, batches
-from ckl_toolkit.training.engine import DeepSpeedEngine, PlainEngine, resolve_update_ds_config
-from ckl_toolkit.training.recadam import RecAdam
-from ckl_toolkit.training.rho1 import rho1_loss
-from ckl_toolkit.training.targets import build_target, check_target_runtime, check_version_kind
-from ckl_toolkit.training.token_align import row_text_batch
-from ckl_toolkit.training.weighting import TextBatch
+)
+from ckl_toolkit.training.batching import Cursor, batches
+from ckl_toolkit.training.engine import resolve_update_ds_config
+from ckl_toolkit.training.learner import build_learner
+from ckl_toolkit.training.step import NonFiniteGuard, StepResult, weighted_step
+from ckl_toolkit.training.targets import check_target_runtime, check_version_kind, export_target
 
 logger = logging.getLogger("ckl_toolkit.update")
 
@@ -108,20 +94,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def make_optimizer(recipe: UpdateRecipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    o = recipe.optim
-    if o.name == "recadam":  # anchors θ* = the weights this run starts from, taken at the first step
-        return RecAdam(params, lr=o.lr, weight_decay=o.weight_decay, gamma=o.recadam_gamma,
-                       anneal_k=o.recadam_k, anneal_t0=o.recadam_t0)  # fmt: skip
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-
-
-def make_engine(recipe: UpdateRecipe, target, optimizer, ctx: DistContext):
-    if ctx.deepspeed:
-        return DeepSpeedEngine(target, optimizer, ctx)
-    return PlainEngine(target, optimizer, recipe.optim.grad_clip)
-
-
 def join_ranks(recipe: UpdateRecipe) -> DistContext:
     """This process's place: rank 0 of 1 (backend=single), or a rank of the DeepSpeed group."""
     world = launched_world_size()
@@ -149,15 +121,13 @@ def take_lock(out: Path, ctx: DistContext) -> RunLock | None:
     return lock
 
 
-def rank_rows(batch: dict, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of a global batch; a rank left without rows trains on a fully masked one."""
-    ids, mask = batch["input_ids"][rank::world], batch["attention_mask"][rank::world]  # (b, T)
-    if ids.size(0) == 0:  # the last batch is short: still run forward/backward (collectives), at weight 0
-        ids, mask = batch["input_ids"][:1], torch.zeros_like(batch["attention_mask"][:1])
-    return ids, mask
+def run_hash(recipe: UpdateRecipe) -> str:
+    """Hash of what decides the model; logging, saving and retention settings may change on resume."""
+    keys = ("seed", "target", "weights", "optim", "mix_review", "batching", "data", "engine", "epochs")
+    return recipe_hash({k: getattr(recipe, k) for k in keys})
 
 
-def update(recipe: UpdateRecipe) -> dict:
+def update(recipe: UpdateRecipe) -> RunSummary:
     """Run (or resume) one nightly update. Returns the run summary, ``exit_code`` included.
 
     Raises:
@@ -183,141 +153,109 @@ def plan_run(recipe: UpdateRecipe, out: Path, ctx: DistContext, version: Path | 
     Returns:
         (plan, ledger): the plan as every rank sees it, and the ledger of the served version.
     """
-    work = out / "work"
-    plan = load_plan(work, recipe, version) if ctx.is_main else None
+    work, key = out / "work", run_hash(recipe)
+    plan = load_plan(work, version, key) if ctx.is_main else None
     ledger = DocumentLedger(version / LEDGER_FILE if version else work / LEDGER_FILE)  # absent: empty
     if ctx.is_main and plan is None:
         finish_work(work)  # a stale run (other base version or recipe) is dropped; nothing of it was served
-        plan = collect_plan(recipe, ledger, version, new_run_id())
-        write_json_atomic(work / "plan.json", plan)
+        oracle_field = recipe.weights.object_field if recipe.weights.method == "oracle" else None
+        data = recipe.data
+        plan = collect_plan(data.stream, data.pool if recipe.mix_review.mix_ratio > 0 else None, ledger,
+                            version, new_run_id(), key, data.max_documents, oracle_field)  # fmt: skip
+        plan.save(work)
         write_text_atomic(work / "recipe.yaml", to_yaml(recipe))
     return broadcast_object(ctx, plan), ledger
 
 
-def text_batch(batch: dict, rank: int, world: int, tokenizer, needs_text: bool, objects: dict) -> TextBatch:
-    """This rank's rows as a TextBatch; texts and spans are decoded only for weights that read text."""
-    ids, mask = rank_rows(batch, rank, world)  # (b, T)
-    tb = row_text_batch(tokenizer, ids, mask) if needs_text else TextBatch(Encoded(ids, mask, []), [])
-    tb.objects = [objects[d] for d in batch["doc_ids"]]  # the oracle's strings (None if absent)
-    return tb
-
-
-def step_record(
-    st: dict, run: str, epoch: int, loss: float, w: torch.Tensor, mask: torch.Tensor, engine
-) -> dict:
+def step_record(state: UpdateState, run: str, epoch: int, result: StepResult, engine) -> dict:
     """One metrics.jsonl line: loss, mean weight on real targets, tokens/s, RecAdam drift ‖θ−θ*‖."""
-    real = target_mask(mask)  # (b, T-1)
     return {
-        "event": "step", "run": run, "step": st["step"], "epoch": epoch, "loss": loss,
-        "w_mean": float(w[real].mean()) if real.any() else math.nan, "tokens": st["tokens"],
-        "tokens_per_s": st["tokens"] / max(st["train_seconds"], 1e-9), "drift": engine.drift(),
+        "event": "step", "run": run, "step": state.step, "epoch": epoch, "loss": result.loss,
+        "w_mean": result.mean_weight, "grad_norm": result.grad_norm, "tokens": state.batching.tokens,
+        "tokens_per_s": state.tokens_per_s, "drift": engine.drift(),
     }  # fmt: skip
 
 
-def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: StopFlag) -> dict:
+def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: StopFlag) -> RunSummary:
     t_start, work = time.perf_counter(), out / "work"
     metrics = MetricsLogger(out / "metrics.jsonl" if ctx.is_main else None)
     version = current_version(out)  # the served model: this run continues from it
     check_version_kind(version, recipe.target)
     plan, ledger = plan_run(recipe, out, ctx, version)
-    run, new_ids = plan["run"], {d["id"] for d in plan["new"]}
-    summary = {"run": run, "base_version": plan["base_version"], "documents": len(new_ids),
-               "stream": plan["stream_stats"]}  # fmt: skip
-    if not new_ids:
+    summary = RunSummary.of_plan(plan)
+    if not plan.new:
+        summary.exit_code = int(ExitCode.NOTHING_TO_DO)
         if ctx.is_main:
             finish_work(work)
-            metrics.log(event="summary", **summary, exit_code=int(ExitCode.NOTHING_TO_DO))
-        return {**summary, "exit_code": int(ExitCode.NOTHING_TO_DO), "versions": versions_info(out)}
+            metrics.log(event="summary", **summary.to_dict())
+        summary.versions = versions_info(out)
+        return summary
 
-    # --- models: the target θ (trained), the weight source (frozen), the optimizer, the engine
-    target = build_target(recipe.target, version, recipe.seed)
+    # --- the learner: target θ (trained), weights (frozen source), optimizer inside its engine
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not ctx.deepspeed and recipe.target.kind != "qlora":  # DeepSpeed / bitsandbytes place their own
-        target.model.to(device)
-    weigh, needs_text = build_weigher(recipe, target, version, device)
-    engine = make_engine(recipe, target, make_optimizer(recipe, list(target.trainable().values())), ctx)
-    device = engine.module.device if ctx.deepspeed else device
-    target.model.train()
-    torch.manual_seed(recipe.seed + ctx.rank)  # dropout (LoRA, K-Adapter) differs per rank, repeatably
+    learner = build_learner(recipe.target, recipe.weights, recipe.optim, version, recipe.seed, device, ctx)
+    engine, tokenizer = learner.engine, learner.tokenizer
     guard = NonFiniteGuard(recipe.max_nonfinite)
-    field = recipe.weights.object_field
-    objects = {d.id: d.meta.get(field) for d in plan_documents(plan, "pool") + plan_documents(plan, "new")}
 
-    # --- resume: the same documents, epoch, batch, weights, optimizer (and anchors), RNG, ledger
-    st = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "train_seconds": 0.0, "cpu_seconds": 0.0,
-          "position": None, "rehearsal": 0, "resumed_from": 0}  # fmt: skip
+    # --- resume: the same documents, epoch, cursor, weights, optimizer (and anchors), RNG, ledger
+    state = UpdateState()
     ckpt = latest_checkpoint(work / "checkpoints")
     if ckpt is not None:
-        saved, ledger = load_step(ckpt, engine)
-        guard.load_state_dict(saved.pop("guard"))
-        st.update(saved, resumed_from=saved["step"])
-        logger.info("resuming run %s from %s", run, ckpt)
+        state, ledger = load_step(ckpt, engine)
+        guard.load_state_dict(state.guard)
+        logger.info("resuming run %s from %s", plan.run, ckpt)
 
+    new_ids = {d.id for d in plan.new}
+    b = recipe.batching
     bar = tqdm(unit="tok", unit_scale=True, desc="update", disable=not recipe.progress or not ctx.is_main)
-    data = recipe.data
-    for epoch in range(st["epoch"], recipe.epochs):
-        items, ratio = epoch_items(plan, recipe, epoch)  # new documents (+ rehearsal), in training order
-        if st["batch"] == 0:
-            rehearsed = [d.id for d in items if d.id not in new_ids]
-            metrics.log(event="epoch", run=run, epoch=epoch, new=len(new_ids), rehearsal=len(rehearsed),
+    for epoch in range(state.epoch, recipe.epochs):
+        shuffle = b.shuffle_key(recipe.seed, plan.period, epoch)
+        docs, ratio = recipe.mix_review.epoch(
+            plan.new, plan.pool, plan.period, epoch, shuffle
+        )  # training order
+        if state.cursor == Cursor():
+            rehearsed = [d.id for d in docs if d.id not in new_ids]
+            metrics.log(event="epoch", run=plan.run, epoch=epoch, new=len(new_ids), rehearsal=len(rehearsed),
                         ratio=ratio, rehearsal_ids=sorted(set(rehearsed)))  # fmt: skip
-            st["rehearsal"] += len(rehearsed)
-        rows = batches(
-            items, target.tokenizer, data.max_length, data.batch_size, data.pack, stats=StreamStats()
-        )
-        for i, batch in enumerate(rows):
-            if i < st["batch"]:
-                continue  # resumed: trained before the checkpoint (re-tokenised, not re-trained)
+            state.rehearsal += len(rehearsed)
+        for batch in batches(
+            docs, tokenizer, b.max_length, b.batch_size, b.pack, state.cursor, state.batching
+        ):
             t0, c0 = time.perf_counter(), time.process_time()  # wall and CPU time of this step
-            tb = text_batch(batch, engine.rank, engine.world, target.tokenizer, needs_text, objects)
-            tb.enc = tb.enc.to(device)
-            ids, mask = tb.enc.input_ids, tb.enc.attention_mask  # (b, T)
-            nll = token_nll(engine.module, ids, mask)  # (b, T-1) nats per target token
-            w = weigh(tb, nll.detach()).to(nll.device)  # (b, T-1) token weights in [0, 1]
-            if recipe.weights.method == "rho1":
-                loss = rho1_loss(nll, w)  # mean over the kept tokens of the batch
-            else:
-                loss = weighted_loss(nll, w, target_mask(mask), recipe.weights.normalize)
-            mean_loss = engine.all_mean(float(loss.detach()))  # sync point: every rank decides alike
-            if guard.check(mean_loss, st["step"] + 1):  # NaN/inf: skip (logged), abort after K in a row
-                engine.step(loss)  # backward, clip, optimizer step (RecAdam: the pull to θ* included)
-            else:
-                metrics.log(event="skip", run=run, step=st["step"] + 1, loss=mean_loss)
+            result = weighted_step(engine, batch, learner.weigher, tokenizer, guard,
+                                   recipe.weights.object_field, step=state.step + 1)  # fmt: skip
+            if not result.applied:  # NaN/inf on some rank: skipped (logged), abort after K in a row
+                metrics.log(event="skip", run=plan.run, step=state.step + 1, loss=result.loss)
 
             # --- bookkeeping: what this step learned and where the data stands
-            n_tok = int(batch["attention_mask"].sum())  # the global batch: every rank holds all of it
-            st.update(step=st["step"] + 1, batch=i + 1, position=batch["position"])
-            st["tokens"] += n_tok
-            st["train_seconds"] += time.perf_counter() - t0
-            st["cpu_seconds"] += time.process_time() - c0
-            ledger.mark(d for d in batch["completed"] if d.id in new_ids)
-            bar.update(n_tok)
-            if st["step"] % recipe.log_every == 0:
-                metrics.log(**step_record(st, run, epoch, mean_loss, w, mask, engine))
-                bar.set_postfix(loss=f"{mean_loss:.3f}")
+            state.step, state.cursor = state.step + 1, batch.cursor
+            state.train_seconds += time.perf_counter() - t0
+            state.cpu_seconds += time.process_time() - c0
+            ledger.mark(d for d in batch.completed if d.id in new_ids)
+            bar.update(batch.tokens)
+            if state.step % recipe.log_every == 0:
+                metrics.log(**step_record(state, plan.run, epoch, result, engine))
+                bar.set_postfix(loss=f"{result.loss:.3f}")
             stopping = engine.all_mean(float(stop.requested)) > 0  # ranks see a signal at different steps
-            if stopping or (recipe.save_every and st["step"] % recipe.save_every == 0):
-                save_step(work, engine, {**st, "guard": guard.state_dict()}, ledger, recipe.keep_checkpoints)
+            if stopping or (recipe.save_every and state.step % recipe.save_every == 0):
+                state.guard = guard.state_dict()
+                save_step(work, engine, state, ledger, recipe.keep_checkpoints)
             if stopping:
-                raise KeyboardInterrupt(f"stopped by a signal at step {st['step']}; the next run resumes")
-        st.update(epoch=epoch + 1, batch=0)
+                raise KeyboardInterrupt(f"stopped by a signal at step {state.step}; the next run resumes")
+        state.epoch, state.cursor = epoch + 1, Cursor()
     bar.close()
 
     # --- publish: a complete version appears by rename; only then does `current` move
-    train_s = st["train_seconds"]
-    summary.update(
-        rehearsal_documents=st["rehearsal"], tokens=st["tokens"], steps=st["step"],
-        skipped_steps=guard.skipped, train_seconds=round(train_s, 3),
-        tokens_per_s=st["tokens"] / max(train_s, 1e-9), cpu_seconds=round(st["cpu_seconds"], 3),
-        resumed_from=st["resumed_from"],
-        position=st["position"], seconds=round(time.perf_counter() - t_start, 3),
-    )  # fmt: skip
-    new_version = publish(recipe, engine, target, plan, ledger, summary)
+    summary.add_state(state, guard.skipped, time.perf_counter() - t_start)
+    meta = {"target_kind": recipe.target.kind, "recipe_hash": run_hash(recipe)}
+    new_version = publish(out, engine, lambda tmp: export_target(learner.target, tmp), plan, ledger, summary,
+                          to_yaml(recipe), meta, recipe.keep_versions)  # fmt: skip
+    summary.exit_code = int(ExitCode.OK)
     if ctx.is_main:
         finish_work(work)
-        summary.update(version=new_version.name, versions=versions_info(out), exit_code=int(ExitCode.OK))
-        metrics.log(event="summary", **summary)
-    return {**summary, "exit_code": int(ExitCode.OK)}
+        summary.version, summary.versions = new_version.name, versions_info(out)
+        metrics.log(event="summary", **summary.to_dict())
+    return summary
 
 
 def setup_logging(output_dir: str) -> None:
@@ -362,8 +300,8 @@ def run_cli(recipe_path: str, overrides: list[str] | tuple[str, ...], dry_run: b
     finally:
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2, default=str))
-    return summary["exit_code"]
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
+    return summary.exit_code
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,8 @@
 - ``load_recipe(cls, path, overrides)`` reads YAML, applies ``a.b=value`` overrides, and builds the
   dataclass tree. Unknown keys and wrong types fail with the file, line and dotted field name.
 - Each dataclass validates itself in ``__post_init__`` by raising :class:`ConfigError` naming the field.
+- A dataclass may list renamed fields in a ``moved`` class variable (old name -> new dotted path): an
+  old recipe then fails with a message naming the new field instead of "unknown field".
 - Field help comes from ``field(metadata={"help": ...})``; ``describe(cls)`` lists it for ``--help``
   and ``ckl validate``.
 """
@@ -175,7 +177,13 @@ def from_dict(cls: type[T], data: dict | None, source: str | None = None, lines=
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    moved = getattr(cls, "moved", {})  # renamed fields: old name -> new dotted path, for old recipes
     for key in data:
+        if key in moved and key not in names:
+            raise ConfigError(
+                f"{_where(source, lines, prefix + key)}{prefix}{key}: this field is now '{moved[key]}' "
+                "(one spelling for the update and eval recipes); rename it in the recipe"
+            )
         if key not in names:
             close = [n for n in names if n.startswith(key[:3])]
             hint = f" (did you mean {close[0]!r}?)" if close else ""

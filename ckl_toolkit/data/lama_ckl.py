@@ -11,7 +11,7 @@ Files written into the output directory (one atomic rename for the whole directo
   meta_train.jsonl,    ``{"text", "task", "object", "subject", "relation", "uuid", "probe"}`` pairs
   meta_val.jsonl       (DESIGN §5) from the variant facts that are not evaluated
   nf_candidates.jsonl  the unique invariant facts of both invariant files (deduplicated by uuid);
-                       NOT-TO-FORGET is re-selected from them per model (``world.select_known``)
+                       NOT-TO-FORGET is re-selected from them per model (``evaluation.not_to_forget``)
   rehearsal.jsonl      ``{"id", "text", "uuid"}``: invariant evidence for mix-review; the evaluator
                        removes the rows of the selected NOT-TO-FORGET facts by ``uuid``
   split.json           options, counts, uuids per split, the rule in words, source paths + sha256

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ckl_toolkit.core.io import write_json_atomic, write_jsonl_atomic
-from ckl_toolkit.evaluation.probes import score_probes
 
 SYLLABLES = (
     "ka ro mi ve lu ta sen dor bri qua fen zol mar eth ti nav gol rin sha plo ud ber "
@@ -366,23 +365,3 @@ def write_world(world: World, out_dir: str | Path) -> Path:
     write_jsonl_atomic(out / "pretrain_facts.jsonl", world.facts)
     write_json_atomic(out / "world.json", world.info())
     return out
-
-
-def select_known(
-    model, tokenizer, rows: list[dict], probe_field: str = "task_descriptive", limit: int | None = None
-) -> list[dict]:
-    """The rows whose probe the model completes with the exact object (the NOT-TO-FORGET set).
-
-    Args:
-        model: a causal LM.
-        tokenizer: its tokenizer.
-        rows: LAMA-ckl rows with ``probe_field`` and ``object``.
-        probe_field: which probe to score, ``task_descriptive`` or ``task_schematic``.
-        limit: keep at most this many (the first ones, in file order).
-
-    Returns:
-        The known rows, in their original order.
-    """
-    scores = score_probes(model, tokenizer, [r[probe_field] for r in rows], [r["object"] for r in rows])
-    known = [r for r, ok in zip(rows, scores.exact) if ok]
-    return known if limit is None else known[:limit]

@@ -1,29 +1,22 @@
 """The benchmark recipe: ``ckl eval --recipe R`` runs these methods on the same data, seeds and budget.
 
-Two benchmarks share it: ``lama_ckl`` (learn TO-LEARN for E epochs, keep NOT-TO-FORGET; DESIGN §6)
-and ``temporalwiki`` (sequential periods with changed / unchanged probes).
+Two benchmarks share it: ``lama_ckl`` (learn TO-LEARN for E epochs, keep NOT-TO-FORGET;
+docs/ARCHITECTURE.md §6) and ``temporalwiki`` (sequential periods with changed / unchanged probes).
+
+The training sections (``target``, ``weights``, ``optim``, ``mix_review``, ``batching``) are the ones
+``ckl update`` reads, spelled the same way; a method name (``taalm+mix_review``) sets
+``weights.method``, ``target.kind``, ``optim.name`` and whether mix-review is on, so those four are
+not set in an eval recipe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ckl_toolkit.core.config import ConfigError, check_choices, fld, require
-from ckl_toolkit.core.models import DTYPES, LoraSpec
-from ckl_toolkit.evaluation.lama_ckl import ProtocolConfig
-from ckl_toolkit.evaluation.methods import PAPER_METHODS, RecAdamSettings, parse_method
-from ckl_toolkit.nightly.config import KAdapterSpec
-
-
-@dataclass
-class EvalModelSpec:
-    path: str = fld("", "HF causal-LM directory every method starts from (a fresh copy per method).")
-    dtype: str = fld("float32", "Parameter dtype.", choices=tuple(DTYPES))
-    attn_implementation: str = fld("sdpa", "Attention kernel.", choices=("eager", "sdpa"))
-
-    def __post_init__(self):
-        check_choices(self)
-        require(bool(self.path), "path", "a model directory is required")
+from ckl_toolkit.evaluation.methods import PAPER_METHODS, parse_method
+from ckl_toolkit.training.sections import BatchSpec, MixReviewSpec, OptimSpec, TargetSpec, WeightSpec
 
 
 @dataclass
@@ -37,14 +30,11 @@ class EvalDataSpec:
     dir: str = fld("", "The data directory.")
     to_learn_limit: int = fld(0, "Evaluate only the first N TO-LEARN facts (0: all).")
     nf_limit: int = fld(0, "Keep at most N NOT-TO-FORGET facts after re-selection (0: all the model knows).")
-    nf_select_probe: str = fld(
-        "task_descriptive",
-        "Probe used to re-select NOT-TO-FORGET: the candidates the model completes exactly, before training.",
-        choices=("task_descriptive", "task_schematic"),
-    )
     rehearsal_docs: int = fld(
         2000, "Synthetic: rehearsal documents built from pretraining facts that are not evaluated."
     )
+
+    moved: ClassVar[dict[str, str]] = {"nf_select_probe": "protocol.probe_field"}
 
     def __post_init__(self):
         check_choices(self)
@@ -54,23 +44,28 @@ class EvalDataSpec:
 
 
 @dataclass
-class MixReviewSettings:
-    mix_ratio: float = fld(4.0, "Rehearsal documents per TO-LEARN document in epoch 1 (CKL code: 4).")
-    mix_decay: float = fld(0.7, "Factor on mix_ratio after each epoch (CKL code: 0.7).")
+class ProtocolSpec:
+    epochs: int = fld(6, "LAMA-ckl: passes over the TO-LEARN evidence; TemporalWiki: passes per period.")
+    eval_batch_size: int = fld(64, "Probes per evaluation forward pass.")
+    probe_field: str = fld(
+        "task_descriptive",
+        "Which probe of a fact to score (and to re-select NOT-TO-FORGET with).",
+        choices=("task_descriptive", "task_schematic"),
+    )
+
+    moved: ClassVar[dict[str, str]] = {
+        "lr": "optim.lr",
+        "batch_size": "batching.batch_size",
+        "weight_decay": "optim.weight_decay",
+        "max_length": "batching.max_length",
+        "normalize": "weights.normalize",
+        "seed": "seed",
+    }
 
     def __post_init__(self):
-        require(self.mix_ratio >= 0, "mix_ratio", "must be >= 0")
-        require(0 <= self.mix_decay <= 1, "mix_decay", "must be in [0, 1]")
-
-
-@dataclass
-class RecAdamSpec:
-    gamma: float = fld(5000.0, "Strength γ of the pull γ/2·‖θ−θ*‖² (lr·γ must stay below 2).")
-    k: float = fld(0.5, "Steepness k of λ(t) = 1/(1+exp(−k(t−t0))).")
-    t0: float = fld(250.0, "Step t0 where λ = 0.5 (the paper's default; scale it to your run's steps).")
-
-    def build(self) -> RecAdamSettings:
-        return RecAdamSettings(self.gamma, self.k, self.t0)
+        check_choices(self)
+        require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
 
 
 @dataclass
@@ -79,7 +74,7 @@ class SweepSpec:
         [], "Extra learning rates for the equal-NOT-TO-FORGET view (empty: only the same-lr view)."
     )
     methods: list[str] = fld([], "Methods swept over lrs (empty: all of `methods`).")
-    reference: str = fld("finetune", "The method whose NF exact match at protocol.lr sets the target.")
+    reference: str = fld("finetune", "The method whose NF exact match at optim.lr sets the target.")
     tolerance: float = fld(0.01, "A run meets the target when its NF EM >= target - tolerance.")
 
 
@@ -124,17 +119,16 @@ class EvalRecipe:
     title: str = fld("", "Shown at the top of the report.")
     seed: int = fld(0, "Seed of initialisation (LoRA, K-Adapter) and data order; the same for every method.")
     methods: list[str] = fld(
-        list(PAPER_METHODS), "Methods: '+'-joined components, e.g. taalm+mix_review (ckl_toolkit/methods.py)."
+        list(PAPER_METHODS),
+        "Methods: '+'-joined components, e.g. taalm+mix_review (ckl_toolkit/evaluation/methods.py).",
     )
-    model: EvalModelSpec | None = fld(None, "The model every method starts from.")
-    ta: str | None = fld(None, "Train-Attention model dir (a `ckl meta-train` output) for the taalm methods.")
+    target: TargetSpec | None = fld(None, "The model every method starts from (a fresh copy per run).")
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    mix_review: MixReviewSpec = field(default_factory=MixReviewSpec)
+    batching: BatchSpec = field(default_factory=BatchSpec)
     data: EvalDataSpec | None = fld(None, "The benchmark's data.")
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    kadapter: KAdapterSpec = field(default_factory=KAdapterSpec)
-    mix_review: MixReviewSettings = field(default_factory=MixReviewSettings)
-    recadam: RecAdamSpec = field(default_factory=RecAdamSpec)
-    rho1_keep_ratio: float = fld(0.6, "RHO-1: fraction of the batch's tokens kept by excess loss.")
+    protocol: ProtocolSpec = field(default_factory=ProtocolSpec)
     lr_overrides: dict[str, float] = fld(
         {}, "Per-method learning rate for the same-lr view when a method needs its own (e.g. lora: 1e-3)."
     )
@@ -144,13 +138,23 @@ class EvalRecipe:
     threads: int = fld(0, "torch intra-op threads (0: torch's default).")
     progress: bool = fld(True, "Show progress bars.")
 
+    moved: ClassVar[dict[str, str]] = {
+        "model": "target",
+        "ta": "weights.ta_path",
+        "lora": "target.lora",
+        "kadapter": "target.kadapter",
+        "recadam": "optim.recadam",
+        "rho1_keep_ratio": "weights.keep_ratio",
+    }
+
     def __post_init__(self):
         check_choices(self)
-        require(self.model is not None, "model.path", "required: the model every method starts from")
+        require(self.target is not None, "target.path", "required: the model every method starts from")
         require(self.data is not None, "data.dir", "required: the benchmark's data")
         require(len(self.methods) >= 1, "methods", "give at least one method")
         require(len(set(self.methods)) == len(self.methods), "methods", "a method is listed twice")
         parsed = [parse_method(m) for m in self.methods]
+        self._check_set_by_methods()
         for m in self.sweep.methods:
             require(m in self.methods, "sweep.methods", f"'{m}' is not in methods")
         if self.sweep.lrs:
@@ -161,17 +165,24 @@ class EvalRecipe:
                 self.lr_overrides[m] = float(lr)
             except (TypeError, ValueError):
                 raise ConfigError(f"lr_overrides.{m}: expected a number, got {lr!r}") from None
-        require(0 < self.rho1_keep_ratio <= 1, "rho1_keep_ratio", "must be in (0, 1]")
-        if any(p.uses_ta for p in parsed) and not self.ta:
-            raise ConfigError("ta: required by the taalm methods (a `ckl meta-train` output dir)")
+        if any(p.weights == "taalm" for p in parsed) and not self.weights.ta_path:
+            raise ConfigError(
+                "weights.ta_path: required by the taalm methods (a `ckl meta-train` output dir)"
+            )
+        if any(p.rehearsal for p in parsed):
+            require(
+                self.mix_review.mix_ratio > 0,
+                "mix_review.mix_ratio",
+                "must be > 0 for the mix_review methods",
+            )
         for p in parsed:
             if p.optimizer != "recadam":
                 continue
             lr = max(self.lrs_of(p.name))
             require(
-                lr * self.recadam.gamma < 2,
-                "recadam.gamma",
-                f"lr*gamma = {lr * self.recadam.gamma:g} for {p.name} must be < 2 (the pull diverges)",
+                lr * self.optim.recadam.gamma < 2,
+                "optim.recadam.gamma",
+                f"lr*gamma = {lr * self.optim.recadam.gamma:g} for {p.name} must be < 2 (the pull diverges)",
             )
         want = "temporalwiki" if self.benchmark == "temporalwiki" else ("synthetic", "lama_ckl")
         require(
@@ -180,9 +191,22 @@ class EvalRecipe:
             f"benchmark {self.benchmark} reads data.kind {want}, got {self.data.kind!r}",
         )
 
+    def _check_set_by_methods(self) -> None:
+        """target.kind, weights.method and optim.name come from each method's name, not the recipe."""
+        for name, value, default, example in (
+            ("target.kind", self.target.kind, "full", "lora or kadapter"),
+            ("weights.method", self.weights.method, "uniform", "taalm, oracle or rho1"),
+            ("optim.name", self.optim.name, "adamw", "recadam"),
+        ):
+            require(
+                value == default,
+                name,
+                f"set by each method's name in an eval recipe (e.g. methods: [{example}]); leave it out",
+            )
+
     def lr_of(self, method: str) -> float:
         """The method's learning rate in the same-lr view."""
-        return self.lr_overrides.get(method, self.protocol.lr)
+        return self.lr_overrides.get(method, self.optim.lr)
 
     def lrs_of(self, method: str) -> list[float]:
         """Every learning rate the method runs at: its own, then the sweep's (if it is swept)."""

@@ -1,50 +1,31 @@
-"""The LAMA-ckl protocol (DESIGN §6): learn TO-LEARN evidence for E epochs, keep NOT-TO-FORGET.
+"""The LAMA-ckl protocol (docs/ARCHITECTURE.md §6): learn TO-LEARN evidence for E epochs, keep NOT-TO-FORGET.
 
 Evaluate both sets before training (epoch 0) and after every epoch. Headline numbers:
 Top Acc = max over epochs of TO-LEARN token accuracy; Epoch = its first argmax; NF Acc = the
 NOT-TO-FORGET accuracy at that epoch; Total Knowledge = Top Acc + NF Acc. The same is reported on
 exact match (the whole object right), the clearer signal on small models.
+
+Training is the nightly job's: each epoch is ``training.batching.batches`` over the epoch's documents
+(``MixReviewSpec.epoch``: arrival order or a seeded shuffle, plus rehearsal) and one
+``training.step.weighted_step`` per batch, so a benchmark figure measures the code ``ckl update`` runs.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from tqdm.auto import tqdm
 
-from ckl_toolkit.core.config import ConfigError, check_choices, fld, require
-from ckl_toolkit.core.losses import target_mask, token_nll
-from ckl_toolkit.core.text import encode
-from ckl_toolkit.evaluation.methods import SourceWeigher, Weigher
+from ckl_toolkit.core.config import ConfigError
+from ckl_toolkit.core.documents import Document
 from ckl_toolkit.evaluation.probes import score_probes
-from ckl_toolkit.training.mix_review import MixReviewConfig, mix_epoch
-from ckl_toolkit.training.weighting import TextBatch, WeightSource
-
-
-@dataclass
-class ProtocolConfig:
-    epochs: int = fld(6, "Passes over the TO-LEARN evidence.")
-    lr: float = fld(3e-4, "AdamW learning rate of the target model.")
-    batch_size: int = fld(8, "Evidence documents per update.")
-    weight_decay: float = fld(0.0, "AdamW weight decay.")
-    max_length: int = fld(256, "Evidence documents are truncated to this many tokens.")
-    eval_batch_size: int = fld(64, "Probes per evaluation forward pass.")
-    probe_field: str = fld(
-        "task_descriptive", "Which probe of a fact to score.", choices=("task_descriptive", "task_schematic")
-    )
-    normalize: bool = fld(
-        True, "Token-weighted loss divides by the weight sum (TAALM) or token count (CaMeLS)."
-    )
-    seed: int = fld(0, "Seed of the evidence order.")
-
-    def __post_init__(self):
-        check_choices(self)
-        require(self.epochs >= 1, "epochs", "must be >= 1")
-        require(self.lr > 0, "lr", "must be > 0")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+from ckl_toolkit.training.batching import batches
+from ckl_toolkit.training.learner import Learner
+from ckl_toolkit.training.sections import BatchSpec, MixReviewSpec
+from ckl_toolkit.training.step import NonFiniteGuard, weighted_step
 
 
 @dataclass
@@ -87,90 +68,80 @@ class ProtocolResult:
         }
 
 
-def _evaluate(model, tokenizer, rows: list[dict], cfg: ProtocolConfig):
-    probes = [r[cfg.probe_field] for r in rows]
-    objects = [r["object"] for r in rows]
-    return score_probes(model, tokenizer, probes, objects, batch_size=cfg.eval_batch_size)
-
-
-def _check_rows(rows: list[dict], name: str, probe_field: str) -> None:
+def check_rows(rows: list[dict], name: str, probe_field: str, training: bool) -> None:
+    """Every fact has its object and probe (and, when trained on, its evidence); errors name the row."""
     for i, r in enumerate(rows):
-        for f in ("evidence", "object", probe_field) if name == "TO-LEARN" else ("object", probe_field):
+        for f in ("evidence", "object", probe_field) if training else ("object", probe_field):
             if f not in r:
                 raise ConfigError(f"{name} row {i}: missing field '{f}'")
 
 
-def train_epoch(
-    model, tokenizer, rows, weigher: Weigher, optimizer, cfg: ProtocolConfig, epoch: int
-) -> float:
-    """One pass over ``rows`` (``evidence`` + ``object``, None for rehearsal) with the method's loss."""
-    model.train()
-    device = next(model.parameters()).device
-    order = torch.randperm(
-        len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    ).tolist()
-    losses = []
-    for i in range(0, len(order), cfg.batch_size):
-        batch_rows = [rows[j] for j in order[i : i + cfg.batch_size]]
-        texts = [r["evidence"] for r in batch_rows]
-        enc = encode(tokenizer, texts, cfg.max_length).to(device)
-        nll = token_nll(model, enc.input_ids, enc.attention_mask)  # (B, T-1)
-        batch = TextBatch(enc, texts, [r.get("object") for r in batch_rows])
-        w = weigher.weights(batch, nll.detach()).to(device)  # (B, T-1)
-        loss = weigher.loss(nll, w, target_mask(enc.attention_mask), cfg.normalize)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return sum(losses) / max(len(losses), 1)
+def evidence_documents(rows: list[dict], source: str) -> list[Document]:
+    """LAMA-ckl rows as training documents: the evidence text, the object kept for the oracle."""
+    return [
+        Document(
+            str(r.get("uuid") or r.get("id") or f"{source}/{i}"),
+            r["evidence"],
+            source,
+            i,
+            {"object": r["object"]} if r.get("object") else {},
+        )  # fmt: skip
+        for i, r in enumerate(rows, start=1)
+    ]
 
 
-@dataclass
-class Rehearsal:
-    """Mix-review: the pool of older documents (``evidence`` rows) and how much of it each epoch replays."""
-
-    pool: list[dict]
-    config: MixReviewConfig
+def train_epoch(learner: Learner, docs: list[Document], batching: BatchSpec, guard: NonFiniteGuard) -> float:
+    """One pass over ``docs`` in the given order; returns the mean loss of the applied steps."""
+    learner.target.model.train()
+    b, losses = batching, []
+    for batch in batches(docs, learner.tokenizer, b.max_length, b.batch_size, b.pack):
+        result = weighted_step(learner.engine, batch, learner.weigher, learner.tokenizer, guard)
+        if result.applied:
+            losses.append(result.loss)
+    return sum(losses) / len(losses) if losses else math.nan
 
 
 def run_lama_ckl(
-    model: torch.nn.Module,
-    tokenizer,
+    learner: Learner,
     to_learn: list[dict],
     not_to_forget: list[dict],
-    source: WeightSource | Weigher,
-    cfg: ProtocolConfig,
-    optimizer: torch.optim.Optimizer | None = None,
+    epochs: int,
+    batching: BatchSpec,
+    mix_review: MixReviewSpec,
+    seed: int = 0,
+    pool: list[Document] = (),
+    probe_field: str = "task_descriptive",
+    eval_batch_size: int = 64,
     progress: bool = True,
-    rehearsal: Rehearsal | None = None,
     on_epoch: Callable[[int, ProtocolResult], None] | None = None,
-    name: str | None = None,
+    name: str = "method",
 ) -> ProtocolResult:
-    """Train ``model`` in place on the TO-LEARN evidence, weighting tokens by ``source``.
+    """Train the learner's target in place on the TO-LEARN evidence; score both sets every epoch.
 
     Args:
-        model: the target causal LM (a fresh copy per method).
+        learner: the target, its weigher and its engine (a fresh one per method).
         to_learn: LAMA-ckl rows with ``evidence``, ``object`` and the probe field.
         not_to_forget: rows the model already knows (probe field and ``object``).
-        source: the token-weight source (uniform, oracle, Train-Attention, ...) or a method's
-            ``Weigher`` (which also chooses the loss, e.g. RHO-1's).
-        optimizer: defaults to AdamW(cfg.lr, cfg.weight_decay) on the trainable parameters.
-        rehearsal: mix-review; epoch e trains on TO-LEARN plus the pool draw of ``mix_epoch``.
+        epochs: passes over the evidence.
+        batching: rows, windows, shuffling (one policy with ``ckl update``).
+        mix_review: rehearsal of ``pool`` (ratio 0: off), drawn per epoch as the update does.
+        seed: the run's seed (the shuffle of each epoch).
         on_epoch: called after every evaluation (epoch 0 = before training) with the result so far.
     """
-    weigher = source if hasattr(source, "loss") else SourceWeigher(source)
-    name = name or getattr(source, "name", "method")
-    _check_rows(to_learn, "TO-LEARN", cfg.probe_field)
-    _check_rows(not_to_forget, "NOT-TO-FORGET", cfg.probe_field)
+    check_rows(to_learn, "TO-LEARN", probe_field, training=True)
+    check_rows(not_to_forget, "NOT-TO-FORGET", probe_field, training=False)
     start = time.perf_counter()
-    if optimizer is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    docs, model = evidence_documents(to_learn, "to_learn"), learner.target.model
+    guard = NonFiniteGuard(max_consecutive=3)
     result = ProtocolResult()
 
     def record() -> None:
-        tl = _evaluate(model, tokenizer, to_learn, cfg)
-        nf = _evaluate(model, tokenizer, not_to_forget, cfg) if not_to_forget else None
+        tl = score_probes(model, learner.tokenizer, [r[probe_field] for r in to_learn],
+                          [r["object"] for r in to_learn], batch_size=eval_batch_size)  # fmt: skip
+        nf = None
+        if not_to_forget:
+            nf = score_probes(model, learner.tokenizer, [r[probe_field] for r in not_to_forget],
+                              [r["object"] for r in not_to_forget], batch_size=eval_batch_size)  # fmt: skip
         result.to_learn.append(tl.acc)
         result.to_learn_em.append(tl.em)
         result.not_to_forget.append(nf.acc if nf else 0.0)
@@ -179,12 +150,10 @@ def run_lama_ckl(
             on_epoch(len(result.to_learn) - 1, result)
 
     record()  # epoch 0: before training
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"lama-ckl[{name}]", disable=not progress, leave=False)
-    for epoch in bar:
-        rows = to_learn
-        if rehearsal is not None:  # new + replayed rows; train_epoch shuffles them together
-            rows = mix_epoch(to_learn, rehearsal.pool, rehearsal.config, epoch - 1)
-        result.train_loss.append(train_epoch(model, tokenizer, rows, weigher, optimizer, cfg, epoch))
+    bar = tqdm(range(epochs), desc=f"lama-ckl[{name}]", disable=not progress, leave=False)
+    for epoch in bar:  # the update's epoch index: 0-based, period 0
+        order, _ = mix_review.epoch(docs, list(pool), 0, epoch, batching.shuffle_key(seed, 0, epoch))
+        result.train_loss.append(train_epoch(learner, order, batching, guard))
         record()
         bar.set_postfix(tl_em=f"{result.to_learn_em[-1]:.3f}", nf_em=f"{result.not_to_forget_em[-1]:.3f}")
     result.seconds = time.perf_counter() - start

@@ -1,16 +1,16 @@
-"""TemporalWiki (DESIGN §5-§6): sequential period refreshes, scored on changed and unchanged probes.
+"""TemporalWiki (docs/ARCHITECTURE.md §5-6): sequential period refreshes, scored on changed/unchanged probes.
 
     data dir -> per period: changed / unchanged probes {subject, relation, object}
              -> per period: the update stream (the user's diff documents, or the documented
                 substitute: one sentence rendered from each of the period's changed triples)
-    -> for each method: fresh model -> score every probe set ("base")
-       -> for each period in order: a fresh optimizer, ``protocol.epochs`` passes over the period's
-          documents (+ mix-review draws) -> score every probe set
+    -> for each method: a fresh learner (the nightly job's) -> score every probe set ("base")
+       -> for each period in order: a fresh optimizer and engine, ``protocol.epochs`` passes over the
+          period's documents (+ mix-review draws) -> score every probe set
     -> runs/<method>@<lr>.json, metrics.jsonl (one record per stage), results.json
 
 Each period is its own refresh (the nightly job): the optimizer is rebuilt per period, so AdamW's
-moments restart and RecAdam anchors θ* at the previous period's weights. Mix-review decays across
-periods (the draw of period p uses mix_ratio·mix_decay**(p·epochs + e)).
+moments restart and RecAdam anchors θ* at the previous period's weights. Mix-review draws as the
+update does (``MixReviewSpec.epoch``; with ``per: period`` the ratio decays across periods).
 
 Probes always end with their object, so the object's teacher-forced tokens follow everything else;
 the substitute stream renders each triple differently from its probe, so a changed probe is a
@@ -26,17 +26,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
-from ckl_toolkit.core.config import ConfigError, to_dict
+from ckl_toolkit.core.config import ConfigError, to_dict, to_yaml
+from ckl_toolkit.core.documents import Document
 from ckl_toolkit.core.io import append_jsonl, read_jsonl, write_json_atomic
-from ckl_toolkit.core.text import ensure_pad_token
 from ckl_toolkit.evaluation.config import EvalRecipe
 from ckl_toolkit.evaluation.lama_ckl import train_epoch
-from ckl_toolkit.evaluation.methods import Method, build_optimizer, parse_method
+from ckl_toolkit.evaluation.methods import Method, method_sections, parse_method
 from ckl_toolkit.evaluation.probes import score_probes
-from ckl_toolkit.evaluation.runner import build_learner, load_ta, machine_description, run_key, start_run
-from ckl_toolkit.training.mix_review import MixReviewConfig, mix_epoch
+from ckl_toolkit.evaluation.runs import fingerprint, machine_description, method_learner, run_key, start_run
+from ckl_toolkit.training.learner import make_engine
+from ckl_toolkit.training.step import NonFiniteGuard
 
 TRIPLE_PROBE = "{subject} {relation} {object}"  # TemporalWiki's own rendering: the object is last
 STREAM_SENTENCE = "The {relation} of {subject} is {object}."  # substitute training sentence
@@ -116,10 +116,10 @@ class TemporalWikiData:
 
     periods: list[str]
     probe_sets: dict[str, list[dict]]  # "0901-1001/changed" -> [{subject, relation, object, probe}]
-    stream: list[list[dict]]  # per period: [{id, evidence, object?}] training rows for train_epoch
+    stream: list[list[Document]]  # per period: the training documents (object in meta when known)
     stream_label: str
     probe_rendering: str
-    pools: list[list[dict]] = field(default_factory=list)  # per period: [{id, evidence}] older data
+    pools: list[list[Document]] = field(default_factory=list)  # per period: older documents
     pool_label: str = ""
 
 
@@ -142,14 +142,14 @@ def load_probe_sets(recipe: EvalRecipe, templates: dict[str, str]) -> dict[str, 
     return sets
 
 
-def substitute_stream(recipe: EvalRecipe) -> tuple[list[list[dict]], str]:
+def substitute_stream(recipe: EvalRecipe) -> tuple[list[list[Document]], str]:
     """One training sentence per changed triple of each period (the object kept, so oracle works)."""
     limit = recipe.temporalwiki.train_limit
     stream = []
     for period in recipe.temporalwiki.periods:
         triples = read_triples(_period_file(recipe, period, "changed"))
         triples = triples[:limit] if limit else triples
-        stream.append([_stream_document(t, f"{period}/{i}") for i, t in enumerate(triples)])
+        stream.append([_stream_document(t, f"{period}/{i}", i + 1) for i, t in enumerate(triples)])
     label = (
         f"substitute: sentences rendered from each period's changed triples ('{STREAM_SENTENCE}', one "
         "document per triple"
@@ -160,12 +160,13 @@ def substitute_stream(recipe: EvalRecipe) -> tuple[list[list[dict]], str]:
     return stream, label
 
 
-def _stream_document(triple: dict, doc_id: str) -> dict:
-    """A substitute training row; its object is kept so the oracle can weight it."""
-    return {"id": doc_id, "evidence": render_stream_sentence(triple), "object": triple["object"]}
+def _stream_document(triple: dict, doc_id: str, line: int) -> Document:
+    """A substitute training document; its object is kept so the oracle can weight it."""
+    shard = doc_id.rsplit("/", 1)[0]
+    return Document(doc_id, render_stream_sentence(triple), shard, line, {"object": triple["object"]})
 
 
-def user_stream(recipe: EvalRecipe) -> tuple[list[list[dict]], str]:
+def user_stream(recipe: EvalRecipe) -> tuple[list[list[Document]], str]:
     """The user's diff documents ({id, text}, optional object), one JSONL per period."""
     limit = recipe.temporalwiki.train_limit
     stream = []
@@ -174,23 +175,21 @@ def user_stream(recipe: EvalRecipe) -> tuple[list[list[dict]], str]:
             raise ConfigError(f"temporalwiki.documents: {path} not found")
         rows = read_jsonl(path, required=("text",))
         rows = rows[:limit] if limit else rows
-        stream.append([_user_document(r, f"{path}:{i}") for i, r in enumerate(rows, start=1)])
+        stream.append([_user_document(r, path, i) for i, r in enumerate(rows, start=1)])
     label = "user documents: " + ", ".join(recipe.temporalwiki.documents)
     return stream, label + (f" (first {limit} each)" if limit else "")
 
 
-def _user_document(row: dict, where: str) -> dict:
-    """A training row for train_epoch; a document's ``object`` is kept so the oracle can use it."""
-    doc = {"id": str(row.get("id", where)), "evidence": row["text"]}
-    if isinstance(row.get("object"), str):
-        doc["object"] = row["object"]
-    return doc
+def _user_document(row: dict, path: str, line: int) -> Document:
+    """A user's diff document; its ``object`` (if any) is kept so the oracle can use it."""
+    meta = {"object": row["object"]} if isinstance(row.get("object"), str) else {}
+    return Document(str(row.get("id", f"{path}:{line}")), row["text"], path, line, meta)
 
 
-def check_oracle(methods: list[Method], stream: list[list[dict]]) -> None:
+def check_oracle(methods: list[Method], stream: list[list[Document]]) -> None:
     """The oracle weights the object's tokens: every training document must name its object."""
     if any(m.weights == "oracle" for m in methods) and any(
-        "object" not in d for docs in stream for d in docs
+        "object" not in d.meta for docs in stream for d in docs
     ):
         raise ConfigError(
             "methods: 'oracle' needs the object of every training document; the user documents "
@@ -199,8 +198,8 @@ def check_oracle(methods: list[Method], stream: list[list[dict]]) -> None:
 
 
 def rehearsal_pools(
-    recipe: EvalRecipe, stream: list[list[dict]], probe_sets: dict[str, list[dict]]
-) -> tuple[list[list[dict]], str]:
+    recipe: EvalRecipe, stream: list[list[Document]], probe_sets: dict[str, list[dict]]
+) -> tuple[list[list[Document]], str]:
     """Mix-review's older data per period: the earlier triples file, then earlier periods' documents.
 
     Rehearsal never replays an evaluated unchanged probe's triple (that would train on the retention
@@ -217,7 +216,7 @@ def rehearsal_pools(
         }
         triples = read_triples(path)
         kept = [t for t in triples if _triple_key(t) not in unchanged]
-        older = [{"id": f"{name}/{i}", "evidence": render_stream_sentence(t)} for i, t in enumerate(kept)]
+        older = [Document(f"{name}/{i}", render_stream_sentence(t), name, i + 1) for i, t in enumerate(kept)]
         left_out = len(triples) - len(kept)
         where = (
             f"{len(older)} sentences rendered from {name} ({left_out} evaluated unchanged triples left out)"
@@ -225,7 +224,7 @@ def rehearsal_pools(
     pools, earlier = [], list(older)
     for docs in stream:
         pools.append(list(earlier))
-        earlier += [{"id": d["id"], "evidence": d["evidence"]} for d in docs]
+        earlier += [Document(d.id, d.text, d.shard, d.line) for d in docs]  # rehearsed without objects
     label = f"period 1: {where}; period p > 1: that plus the documents of periods 1..p-1"
     return pools, label
 
@@ -308,46 +307,41 @@ def forgetting(after: list[dict], probe_sets: list[str]) -> dict[str, float]:
 
 @dataclass
 class Context:
-    """What every method's run reads: the recipe, the data, the tokenizer, the device, the TA."""
+    """What every method's run reads: the recipe, the data, the device."""
 
     recipe: EvalRecipe
     data: TemporalWikiData
-    tokenizer: object
     device: torch.device
-    ta: torch.nn.Module | None = None
-
-
-def _period_rows(ctx: Context, method: Method, p: int, epoch_index: int) -> list[dict]:
-    """The period's documents, plus mix-review's draw from older data for this (global) epoch."""
-    rows = ctx.data.stream[p]
-    if not method.rehearsal or not ctx.data.pools[p]:
-        return rows
-    mix = ctx.recipe.mix_review
-    schedule = MixReviewConfig(mix.mix_ratio, mix.mix_decay, ctx.recipe.seed)
-    return mix_epoch(rows, ctx.data.pools[p], schedule, epoch_index)  # ratio · decay**epoch_index
 
 
 def run_method(ctx: Context, method: Method, lr: float, log) -> dict:
-    """A fresh model trained period after period; ``after`` holds the scores of every stage."""
+    """A fresh learner trained period after period; ``after`` holds the scores of every stage.
+
+    Each period is its own refresh, as a nightly run: a fresh optimizer (AdamW's moments restart,
+    RecAdam anchors θ* at the period's starting weights) in a fresh engine; mix-review draws the
+    period's rehearsal with ``MixReviewSpec.epoch`` (per='period': the ratio decays across periods).
+    RHO-1's reference stays the model before all periods (the served model the refreshes start from).
+    """
     recipe, data = ctx.recipe, ctx.data
     start = time.perf_counter()
-    # RHO-1's reference is the model before all periods (the served model the refreshes start from)
-    model, weigher, cfg = build_learner(recipe, method, lr, ctx.device, ctx.ta)
-    eval_bs = cfg.eval_batch_size
+    learner, mix = method_learner(method, lr, recipe.target, recipe.weights, recipe.optim, recipe.mix_review,
+                                  recipe.seed, ctx.device)  # fmt: skip
+    optim = method_sections(method, recipe.target, recipe.weights, recipe.optim, recipe.mix_review, lr).optim
+    model, tokenizer, eval_bs = learner.target.model, learner.tokenizer, recipe.protocol.eval_batch_size
 
-    after = [{"stage": "base", "probes": evaluate_stage(model, ctx.tokenizer, data.probe_sets, eval_bs)}]
+    after = [{"stage": "base", "probes": evaluate_stage(model, tokenizer, data.probe_sets, eval_bs)}]
     log(after[-1], None, time.perf_counter() - start)
-    train_loss = []
+    train_loss, guard = [], NonFiniteGuard(max_consecutive=3)
     for p, period in enumerate(data.periods):
-        # a refresh is its own run: fresh Adam moments, RecAdam anchored at this period's start
-        optimizer = build_optimizer(method, model, lr, cfg.weight_decay, recipe.recadam.build())
+        if p > 0:  # a refresh is its own run
+            learner.engine = make_engine(learner.target, optim, None)
+        pool = data.pools[p] if data.pools else []
         losses = []
-        for e in range(cfg.epochs):
-            idx = p * cfg.epochs + e
-            rows = _period_rows(ctx, method, p, idx)
-            losses.append(train_epoch(model, ctx.tokenizer, rows, weigher, optimizer, cfg, idx + 1))
+        for e in range(recipe.protocol.epochs):
+            docs, _ = mix.epoch(data.stream[p], pool, p, e, recipe.batching.shuffle_key(recipe.seed, p, e))
+            losses.append(train_epoch(learner, docs, recipe.batching, guard))
         train_loss.append(sum(losses) / len(losses))
-        scores = evaluate_stage(model, ctx.tokenizer, data.probe_sets, eval_bs)
+        scores = evaluate_stage(model, tokenizer, data.probe_sets, eval_bs)
         after.append({"stage": period, "probes": scores})
         log(after[-1], train_loss[-1], time.perf_counter() - start)
 
@@ -361,7 +355,7 @@ def run_method(ctx: Context, method: Method, lr: float, log) -> dict:
         "lr": lr,
         "method": method.name,
         "components": asdict(method),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_params": sum(t.numel() for t in learner.target.trainable().values()),
     }
 
 
@@ -385,38 +379,41 @@ def run_temporalwiki(recipe: EvalRecipe) -> dict:
     if recipe.sweep.lrs:
         raise ConfigError("sweep.lrs: the equal-NOT-TO-FORGET sweep is LAMA-ckl only; leave it empty")
     methods = [parse_method(m) for m in recipe.methods]
-    setup = start_run(recipe, [run_key(m.name, recipe.lr_of(m.name)) for m in methods])
-    run_dir, device, fingerprint, done = setup.run_dir, setup.device, setup.fingerprint, setup.done
+    setup = start_run(Path(recipe.run_dir), to_yaml(recipe), fingerprint(recipe),
+                      [run_key(m.name, recipe.lr_of(m.name)) for m in methods], recipe.threads,
+                      recipe.device)  # fmt: skip
+    run_dir, done = setup.run_dir, setup.done
     data = load_data(recipe, methods)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
-    ensure_pad_token(tokenizer)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in data.probe_sets.items())
     print(f"TemporalWiki: periods {data.periods}; documents {[len(d) for d in data.stream]}; probes {sizes}")
 
-    ctx = Context(recipe, data, tokenizer, device)
+    ctx = Context(recipe, data, setup.device)
     for i, m in enumerate(methods, 1):
         key = run_key(m.name, recipe.lr_of(m.name))
         if key in done:
             print(f"[{i}/{len(methods)}] {key}: done earlier, kept")
             continue
-        if m.uses_ta and ctx.ta is None:
-            ctx.ta = load_ta(recipe, methods, device)
         summary = run_method(ctx, m, recipe.lr_of(m.name), _stage_logger(run_dir, key))
-        summary["fingerprint"] = fingerprint
+        summary["fingerprint"] = setup.fingerprint
         write_json_atomic(run_dir / "runs" / f"{key}.json", summary)
         done[key] = summary
         print(f"[{i}/{len(methods)}] {key}: done ({summary['seconds']:.0f} s)", flush=True)
 
     results = {
         "benchmark": "temporalwiki",
-        "title": recipe.title or f"TemporalWiki on {recipe.model.path}",
+        "title": recipe.title or f"TemporalWiki on {recipe.target.path}",
         "machine": machine_description(),
         "stream": data.stream_label,
         "probe_rendering": data.probe_rendering,
         "periods": data.periods,
         "probe_sets": list(data.probe_sets),
         "data": data_description(recipe, data),
-        "protocol": {**to_dict(recipe.protocol), "epochs_per_period": recipe.protocol.epochs},
+        "protocol": {
+            **to_dict(recipe.protocol),
+            "epochs_per_period": recipe.protocol.epochs,
+            "lr": recipe.optim.lr,
+            "batch_size": recipe.batching.batch_size,
+        },  # fmt: skip
         "methods": {m.name: done[run_key(m.name, recipe.lr_of(m.name))] for m in methods},
         "seconds": time.perf_counter() - start,
     }

@@ -1,4 +1,4 @@
-"""Primitives of the nightly refresh contract (DESIGN §8): lock, model versions, exit codes, guard.
+"""The nightly refresh contract (docs/ARCHITECTURE.md §8): lock, model versions, exit codes.
 
 Layout of an update output directory::
 
@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ckl_toolkit.core.io import _fsync_dir, atomic_dir, write_json_atomic
+from ckl_toolkit.training.step import DivergenceError
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +57,12 @@ class LockedError(RuntimeError):
     exit_code = ExitCode.LOCKED
 
 
-class DivergenceError(RuntimeError):
-    """Too many consecutive non-finite losses."""
-
-    exit_code = ExitCode.DIVERGED
-
-
 def exit_code_for(exc: BaseException) -> ExitCode:
     """The exit code that reports ``exc`` (ValueError covers ConfigError, JsonlError, StreamError)."""
-    if isinstance(exc, (LockedError, DivergenceError)):
+    if isinstance(exc, LockedError):
         return exc.exit_code
+    if isinstance(exc, DivergenceError):
+        return ExitCode.DIVERGED
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     if isinstance(exc, ValueError):
@@ -268,57 +264,3 @@ def _json_target(output_dir: Path) -> Path | None:
     with contextlib.suppress(OSError, ValueError, KeyError):
         return output_dir / json.loads((output_dir / "current.json").read_text(encoding="utf-8"))["path"]
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# The non-finite loss guard.
-
-
-class NonFiniteGuard:
-    """Skip steps whose loss is NaN or inf; abort after ``max_consecutive`` of them in a row.
-
-    Under data or model parallelism, check a loss that is already all-reduced: every rank must
-    take the same decision, or the ranks that step will wait forever for the ones that skip.
-    """
-
-    def __init__(self, max_consecutive: int = 3):
-        if max_consecutive < 1:
-            raise ValueError(f"max_consecutive: must be >= 1, got {max_consecutive}")
-        self.max_consecutive = max_consecutive
-        self.consecutive = 0
-        self.skipped = 0
-
-    def check(self, loss: Any, step: int | None = None) -> bool:
-        """True if the step may be applied; False if it must be skipped (the loss is not finite).
-
-        Args:
-            loss: a float or 0-d tensor (``float()`` of a CUDA tensor is a device sync).
-            step: for the log line.
-
-        Raises:
-            DivergenceError: on the ``max_consecutive``-th non-finite loss in a row.
-        """
-        value = float(loss)
-        if math.isfinite(value):
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        self.skipped += 1
-        if self.consecutive >= self.max_consecutive:
-            raise DivergenceError(
-                f"loss {value} at step {step}: {self.consecutive} non-finite losses in a row "
-                f"(max_consecutive={self.max_consecutive}); lower the learning rate or check the data"
-            )
-        logger.warning("step %s: loss %s, step skipped (%d in a row)", step, value, self.consecutive)
-        return False
-
-    def state_dict(self) -> dict:
-        return {
-            "max_consecutive": self.max_consecutive,
-            "consecutive": self.consecutive,
-            "skipped": self.skipped,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consecutive = int(state["consecutive"])
-        self.skipped = int(state["skipped"])

@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,8 +29,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ckl_toolkit.core.config import ConfigError
 from ckl_toolkit.core.models import DTYPES, ModelSpec, add_lora, load_causal_lm
 from ckl_toolkit.core.text import ensure_pad_token
-from ckl_toolkit.nightly.config import TargetSpec
 from ckl_toolkit.training.kadapter import KAdapterModel, load_adapter
+
+if TYPE_CHECKING:
+    from ckl_toolkit.training.sections import TargetSpec
 
 MODEL_DIR, ADAPTER_DIR = "model", "adapter"
 
@@ -169,7 +172,7 @@ def export_target(target: Target, out: Path) -> list[str]:
     target.model.save_pretrained(out / ADAPTER_DIR)
     target.tokenizer.save_pretrained(out / ADAPTER_DIR)
     written.append(ADAPTER_DIR)
-    if target.spec.export == "merged":
+    if target.spec.export_kind == "merged":
         merge_lora(target.spec, out / ADAPTER_DIR, out / MODEL_DIR)
         target.tokenizer.save_pretrained(out / MODEL_DIR)
         written.append(MODEL_DIR)

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ckl_toolkit.core.losses import target_mask
-from ckl_toolkit.core.ta_model import TrainAttentionModel, tokenizer_identity
-from ckl_toolkit.core.text import Encoded
-from ckl_toolkit.training.weighting import TextBatch
+from ckl_toolkit.core.ta_model import tokenizer_identity
 
 REDUCE = ("max", "mean")
 REPLACEMENT = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
@@ -99,17 +96,6 @@ def align_weights(
     return torch.where(count > 0, vals, torch.full_like(vals, fill))
 
 
-def row_text_batch(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextBatch:
-    """A ``TextBatch`` for token rows: the decoded texts, with spans as offsets (for φ or the oracle)."""
-    texts, offsets = [], []
-    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-        real = [t for t, m in zip(ids, mask) if m]
-        text, spans = decode_spans(tokenizer, real)
-        texts.append(text)
-        offsets.append(spans + [(0, 0)] * (len(ids) - len(real)))  # padding: empty spans
-    return TextBatch(Encoded(input_ids, attention_mask, offsets), texts)
-
-
 def same_tokenizer(ta_sidecar: dict, tokenizer) -> bool | None:
     """Whether the TA sidecar records ``tokenizer`` (None when it records no tokenizer)."""
     recorded = ta_sidecar.get("tokenizer")
@@ -120,36 +106,3 @@ def same_tokenizer(ta_sidecar: dict, tokenizer) -> bool | None:
         recorded["vocab_size"] == mine["vocab_size"]
         and recorded["vocab_sha256_16"] == mine["vocab_sha256_16"]
     )
-
-
-class CrossTokenizerTAWeights:
-    """A frozen TA model with its own tokenizer; weights reach target tokens through character offsets.
-
-    Args:
-        ta: the TA model φ.
-        ta_tokenizer: φ's tokenizer.
-        reduce: "max" or "mean" over the φ tokens a target token overlaps.
-        max_length: φ tokens per row (longer rows: the tail takes the fill weight).
-    """
-
-    name = "taalm"
-
-    def __init__(self, ta: TrainAttentionModel, ta_tokenizer, reduce: str = "max", max_length: int = 4096):
-        self.ta = ta.eval().requires_grad_(False)
-        self.tok, self.reduce, self.max_length = ta_tokenizer, reduce, max_length
-
-    @torch.no_grad()
-    def weights(self, batch: TextBatch) -> torch.Tensor:
-        """(B, T-1) weights of the batch's target tokens; needs ``batch.texts`` and spans as offsets."""
-        enc = self.tok(
-            batch.texts, return_offsets_mapping=True, padding=True, truncation=True,
-            max_length=self.max_length, return_tensors="pt",
-        )  # fmt: skip
-        device = next(self.ta.parameters()).device
-        w_phi = self.ta(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()  # (B, S)
-        out = torch.zeros(batch.enc.input_ids.shape, dtype=torch.float32)  # (B, T)
-        for b, spans in enumerate(batch.enc.offsets):
-            real = enc["attention_mask"][b].bool()
-            src_spans = [tuple(s) for s in enc["offset_mapping"][b][real].tolist()]
-            out[b] = align_weights(src_spans, w_phi[b][real], spans, self.reduce)
-        return out[:, 1:] * target_mask(batch.enc.attention_mask).float()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ckl_toolkit.core.io import read_jsonl
-from ckl_toolkit.data.world import RELATIONS, WorldConfig, build_world, select_known, write_world
+from ckl_toolkit.data.world import RELATIONS, WorldConfig, build_world, write_world
+from ckl_toolkit.evaluation.not_to_forget import select_known
 
 LAMA_CKL_FIELDS = {
     "uuid", "subject", "relation_code", "relation_label", "object", "evidence",

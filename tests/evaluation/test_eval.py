@@ -11,24 +11,26 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ckl_toolkit.cli import main
 from ckl_toolkit.core.config import ConfigError, load_recipe
+from ckl_toolkit.core.documents import Document
 from ckl_toolkit.core.io import read_jsonl, write_jsonl_atomic
 from ckl_toolkit.core.models import LoraSpec
 from ckl_toolkit.core.text import encode, object_target_mask
+from ckl_toolkit.evaluate import equal_nf_view, select_not_to_forget, synthetic_rehearsal
 from ckl_toolkit.evaluation.config import EvalRecipe
-from ckl_toolkit.evaluation.lama_ckl import ProtocolConfig, Rehearsal, run_lama_ckl, train_epoch
-from ckl_toolkit.evaluation.methods import (
-    PAPER_METHODS,
-    Method,
-    RecAdamSettings,
-    build_optimizer,
-    build_trainable,
-    build_weigher,
-    parse_method,
-)
-from ckl_toolkit.evaluation.runner import equal_nf_view, run_key, synthetic_rehearsal
-from ckl_toolkit.training.kadapter import KAdapterConfig
+from ckl_toolkit.evaluation.lama_ckl import evidence_documents, run_lama_ckl, train_epoch
+from ckl_toolkit.evaluation.methods import PAPER_METHODS, Method, parse_method
+from ckl_toolkit.evaluation.runs import method_learner, run_key
 from ckl_toolkit.training.mix_review import MixReviewConfig, mix_review_count
-from ckl_toolkit.training.weighting import TextBatch
+from ckl_toolkit.training.sections import (
+    BatchSpec,
+    KAdapterSpec,
+    MixReviewSpec,
+    OptimSpec,
+    TargetSpec,
+    WeightSpec,
+)
+from ckl_toolkit.training.step import NonFiniteGuard
+from ckl_toolkit.training.weighers import TextBatch
 
 PEOPLE = [("Ada Lovelace", "Bletchley Park"), ("Alan Turing", "New York"), ("Grace Hopper", "London")]
 KNOWN = [("Alan Turing", "Maida Vale"), ("Ada Lovelace", "London"), ("Grace Hopper", "Paris")]
@@ -64,14 +66,22 @@ def _world_dir(tmp_path):
     return d
 
 
+KADAPTER = {"adapter_hidden": 16, "num_heads": 2, "block_layers": 1}
+
+
 def _recipe(tmp_path, tiny_lm_dir, **extra) -> dict:
     r = {
         "run_dir": str(tmp_path / "run"),
-        "model": {"path": str(tiny_lm_dir)},
+        "target": {
+            "path": str(tiny_lm_dir),
+            "kadapter": {"adapter_hidden": 16, "num_heads": 2, "block_layers": 1},
+        },
         "data": {"kind": "synthetic", "dir": str(_world_dir(tmp_path)), "rehearsal_docs": 20},
         "methods": ["finetune", "kadapter", "rho1"],
-        "protocol": {"epochs": 1, "batch_size": 2, "lr": 1e-3},
-        "kadapter": {"adapter_hidden": 16, "num_heads": 2, "block_layers": 1},
+        "protocol": {"epochs": 1},
+        "optim": {"lr": 1e-3},
+        "batching": {"batch_size": 2, "shuffle": True},
+        "mix_review": {"mix_ratio": 4.0, "mix_decay": 0.7},
         "progress": False,
     }
     r.update(extra)
@@ -113,11 +123,34 @@ def test_bad_method_names_are_refused_naming_the_field(name, words):
 
 def test_recipe_errors_name_file_line_and_field(tmp_path, tiny_lm_dir):
     path = _write_recipe(tmp_path, _recipe(tmp_path, tiny_lm_dir, methods=["finetune", "taalm"]))
-    with pytest.raises(ConfigError, match="ta: required"):
+    with pytest.raises(ConfigError, match="weights.ta_path: required"):
         load_recipe(EvalRecipe, path)
-    path.write_text(path.read_text() + "rho1_keep_ratio: 1.5\n")
-    with pytest.raises(ConfigError, match=r"eval.yaml:\d+: .*rho1_keep_ratio"):
-        load_recipe(EvalRecipe, path, ["ta=/x"])
+    with pytest.raises(ConfigError, match=r"target.kind: set by each method's name"):
+        load_recipe(EvalRecipe, path, ["weights.ta_path=/x", "target.kind=lora"])
+    path.write_text(path.read_text() + "weights: {keep_ratio: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"eval.yaml:\d+: weights.keep_ratio"):
+        load_recipe(EvalRecipe, path, ["weights.ta_path=/x"])
+
+
+@pytest.mark.parametrize(
+    "line, new",
+    [
+        ("model: {path: /m}", "target"),
+        ("ta: /t", "weights.ta_path"),
+        ("rho1_keep_ratio: 0.5", "weights.keep_ratio"),
+        ("recadam: {t0: 5}", "optim.recadam"),
+        ("protocol: {lr: 0.1}", "optim.lr"),
+        ("protocol: {batch_size: 2}", "batching.batch_size"),
+    ],
+)
+def test_old_recipe_fields_fail_naming_the_new_field(tmp_path, tiny_lm_dir, line, new):
+    data = _recipe(tmp_path, tiny_lm_dir)
+    key = line.split(":")[0]
+    data.pop(key, None)
+    path = _write_recipe(tmp_path, data)
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(ConfigError, match=rf"eval.yaml:\d+: .*this field is now '{new}'"):
+        load_recipe(EvalRecipe, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,58 +158,57 @@ def test_recipe_errors_name_file_line_and_field(tmp_path, tiny_lm_dir):
 
 
 def _setup(tiny_lm_dir, name: str, lr: float = 1e-2):
-    torch.manual_seed(0)
-    method = parse_method(name)
-    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    model = build_trainable(method, base, LoraSpec(r=4), KAdapterConfig(adapter_hidden=16, num_heads=2))
-    ref = AutoModelForCausalLM.from_pretrained(tiny_lm_dir) if method.weights == "rho1" else None
-    weigher = build_weigher(method, reference=ref, keep_ratio=0.25)
-    opt = build_optimizer(method, model, lr, 0.0, RecAdamSettings())
-    return method, base, model, weigher, opt
+    """The learner ``ckl eval`` builds for ``name``: a fresh model, its weigher, engine and rehearsal."""
+    target = TargetSpec(
+        path=str(tiny_lm_dir), lora=LoraSpec(r=4), kadapter=KAdapterSpec(adapter_hidden=16, num_heads=2)
+    )
+    mix = MixReviewSpec(mix_ratio=4.0, mix_decay=0.5)
+    weights, optim = WeightSpec(keep_ratio=0.25), OptimSpec(lr=lr)
+    learner, mix = method_learner(parse_method(name), lr, target, weights, optim, mix, 0, torch.device("cpu"))
+    return learner, mix
 
 
-def _base_state(base) -> dict:
-    return {n: p.detach().clone() for n, p in base.named_parameters() if "lora_" not in n}
+def _frozen(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
 
 @pytest.mark.parametrize("name", ["kadapter", "lora"])
 def test_adapter_methods_leave_the_base_weights_unchanged(tiny_lm_dir, name):
-    method, base, model, weigher, opt = _setup(tiny_lm_dir, name)
-    before = _base_state(base)
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    loss = train_epoch(model, tok, TO_LEARN, weigher, opt, ProtocolConfig(batch_size=2), epoch=1)
-    assert loss > 0
-    after = _base_state(base)
+    learner, _ = _setup(tiny_lm_dir, name)
+    before = _frozen(learner.target.model)
+    loss = train_epoch(learner, evidence_documents(TO_LEARN, "t"), BatchSpec(batch_size=2), NonFiniteGuard())
+    assert loss > 0 and len(before) > 0
+    after = _frozen(learner.target.model)
     assert all(torch.equal(before[n], after[n]) for n in before)
-    moved = [p for n, p in model.named_parameters() if p.requires_grad]
+    moved = list(learner.target.trainable().values())
     assert moved and all(p.grad is not None for p in moved)
 
 
 def test_finetune_moves_the_base_weights(tiny_lm_dir):
-    method, base, model, weigher, opt = _setup(tiny_lm_dir, "finetune")
-    before = _base_state(base)
-    train_epoch(
-        model, AutoTokenizer.from_pretrained(tiny_lm_dir), TO_LEARN, weigher, opt, ProtocolConfig(), 1
-    )
-    assert not all(torch.equal(before[n], p) for n, p in base.named_parameters())
+    learner, _ = _setup(tiny_lm_dir, "finetune")
+    model = learner.target.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert not _frozen(model)
+    train_epoch(learner, evidence_documents(TO_LEARN, "t"), BatchSpec(batch_size=2), NonFiniteGuard())
+    assert not all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 def test_oracle_puts_all_weight_on_object_tokens(tiny_lm_dir):
-    _, _, _, weigher, _ = _setup(tiny_lm_dir, "oracle")
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    learner, _ = _setup(tiny_lm_dir, "oracle")
     texts = [r["evidence"] for r in TO_LEARN]
-    enc = encode(tok, texts, 64)
+    enc = encode(learner.tokenizer, texts, 64)
     objects = [r["object"] for r in TO_LEARN]
-    w = weigher.weights(TextBatch(enc, texts, objects), torch.zeros(enc.input_ids[:, 1:].shape))
+    batch = TextBatch(enc, texts, [[o] for o in objects])
+    w = learner.weigher.weights(batch, torch.zeros(enc.input_ids[:, 1:].shape))
     obj = object_target_mask(enc, texts, objects, which="all")
     assert torch.equal(w.bool(), obj) and (w[obj] == 1).all() and w[~obj].sum() == 0
 
 
 def test_rho1_keeps_exactly_the_top_excess_loss_tokens(tiny_lm_dir):
-    _, _, model, weigher, _ = _setup(tiny_lm_dir, "rho1")
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    learner, _ = _setup(tiny_lm_dir, "rho1")
+    weigher = learner.weigher
     texts = [r["evidence"] for r in TO_LEARN]
-    enc = encode(tok, texts, 64)
+    enc = encode(learner.tokenizer, texts, 64)
     nll = torch.rand(enc.input_ids[:, 1:].shape) * 10  # the model being trained, (B, T-1)
     w = weigher.weights(TextBatch(enc, texts), nll)
     from ckl_toolkit.core.losses import token_nll
@@ -191,12 +223,15 @@ def test_rho1_keeps_exactly_the_top_excess_loss_tokens(tiny_lm_dir):
 
 
 def test_mix_review_epochs_replay_a_decaying_number_of_pool_documents(tiny_lm_dir):
-    """Epoch e trains on |new| + round(ratio · decay^(e-1) · |new|) rows, never on the evaluated rows."""
-    _, _, model, weigher, opt = _setup(tiny_lm_dir, "mix_review", lr=1e-4)
-    pool = [{"id": f"p{i}", "evidence": f"Grace Hopper speaks English . pool {i} ."} for i in range(40)]
+    """Epoch e trains on |new| + round(ratio · decay^e · |new|) rows, never on the evaluated rows."""
+    learner, mix = _setup(tiny_lm_dir, "mix_review", lr=1e-4)
+    pool = [Document(f"p{i}", f"Grace Hopper speaks English . pool {i} .", "pool", i + 1) for i in range(40)]
     seen: list[list[str]] = []
+    weigher = learner.weigher
 
-    class Counting:
+    class Recording:  # the method's own weigher, recording the rows it is asked to weight
+        name, needs_text = weigher.name, True
+
         def weights(self, batch, nll):
             seen[-1].extend(batch.texts)
             return weigher.weights(batch, nll)
@@ -204,24 +239,21 @@ def test_mix_review_epochs_replay_a_decaying_number_of_pool_documents(tiny_lm_di
         def loss(self, *a):
             return weigher.loss(*a)
 
-    def on_epoch(epoch, res):
-        seen.append([])
-
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    mix = MixReviewConfig(mix_ratio=4.0, mix_decay=0.5)
-    cfg = ProtocolConfig(epochs=3, batch_size=4)
-    run_lama_ckl(model, tok, TO_LEARN, [], Counting(), cfg, optimizer=opt, progress=False,
-                 rehearsal=Rehearsal(pool, mix), on_epoch=on_epoch)  # fmt: skip
-    replayed = [sum(t.endswith(" .") and "pool" in t for t in texts) for texts in seen[:-1]]
-    assert replayed == [mix_review_count(mix, len(TO_LEARN), e) for e in range(3)] == [12, 6, 3]
-    assert all(sum(t in {r["evidence"] for r in TO_LEARN} for t in texts) == 3 for texts in seen[:-1])
+    learner.weigher = Recording()
+    run_lama_ckl(learner, TO_LEARN, [], 3, BatchSpec(batch_size=4), mix, pool=pool, progress=False,
+                 on_epoch=lambda epoch, res: seen.append([]))  # fmt: skip
+    replayed = [sum("pool" in t for t in texts) for texts in seen[:-1]]
+    schedule = MixReviewConfig(mix_ratio=4.0, mix_decay=0.5)
+    assert replayed == [mix_review_count(schedule, len(TO_LEARN), e) for e in range(3)] == [12, 6, 3]
+    new = [sum("Seine" in t for t in texts) for texts in seen[:-1]]
+    assert new == [3, 3, 3]  # every TO-LEARN document once per epoch, nothing evaluated replayed
 
 
 def test_synthetic_rehearsal_never_holds_an_evaluated_fact(tmp_path, tiny_lm_dir):
     recipe = load_recipe(EvalRecipe, _write_recipe(tmp_path, _recipe(tmp_path, tiny_lm_dir)))
     nf = CANDIDATES[:2]
     docs = synthetic_rehearsal(recipe, TO_LEARN + nf)
-    text = " ".join(d["evidence"] for d in docs)
+    text = " ".join(d.text for d in docs)
     assert all(r["task_descriptive"] not in text for r in TO_LEARN + nf)
     assert CANDIDATES[2]["task_descriptive"] in text and "Grace Hopper speaks English" in text
 
@@ -232,7 +264,7 @@ def test_synthetic_rehearsal_never_holds_an_evaluated_fact(tmp_path, tiny_lm_dir
 
 def test_ckl_eval_writes_results_and_resumes_without_repeating_runs(tmp_path, tiny_lm_dir):
     recipe = _recipe(tmp_path, tiny_lm_dir, methods=["finetune", "kadapter", "rho1", "mix_review", "recadam"])
-    recipe["recadam"] = {"t0": 1.0, "gamma": 100.0}
+    recipe["optim"]["recadam"] = {"t0": 1.0, "gamma": 100.0}
     recipe["sweep"] = {"lrs": [1e-4], "methods": ["finetune", "rho1"]}
     path = _write_recipe(tmp_path, recipe)
     res = CliRunner().invoke(main, ["eval", "--recipe", str(path), "--no-report"])
@@ -287,8 +319,6 @@ def test_equal_nf_view_picks_the_best_top_em_among_lrs_that_keep_nf(tmp_path, ti
 
 def test_not_to_forget_cache_is_keyed_by_what_selects_it(tmp_path, tiny_lm_dir):
     """A changed probe field re-selects NOT-TO-FORGET instead of reusing the other probe's facts."""
-    from ckl_toolkit.evaluation.runner import select_not_to_forget
-
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     path = _write_recipe(tmp_path, _recipe(tmp_path, tiny_lm_dir))

@@ -1,8 +1,13 @@
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ckl_toolkit.evaluation.lama_ckl import ProtocolConfig, ProtocolResult, run_lama_ckl
-from ckl_toolkit.training.weighting import OracleWeights, UniformWeights
+from ckl_toolkit.evaluation.lama_ckl import ProtocolResult, run_lama_ckl
+from ckl_toolkit.training.learner import build_learner
+from ckl_toolkit.training.sections import BatchSpec, MixReviewSpec, OptimSpec, TargetSpec, WeightSpec
+
+
+def learner(tiny_lm_dir, weights: str, lr: float = 1e-2):
+    target = TargetSpec(path=str(tiny_lm_dir))
+    return build_learner(target, WeightSpec(method=weights), OptimSpec(lr=lr), None, 0, torch.device("cpu"))
 
 
 def test_headline_numbers_follow_the_paper_definitions():
@@ -33,11 +38,15 @@ ROWS = [
 
 
 def test_protocol_learns_and_evaluates_each_epoch(tiny_lm_dir):
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    cfg = ProtocolConfig(epochs=8, lr=1e-2, batch_size=2)
-    res = run_lama_ckl(model, tok, ROWS, ROWS[:1], OracleWeights(), cfg, progress=False)
+    res = run_lama_ckl(
+        learner(tiny_lm_dir, "oracle"),
+        ROWS,
+        ROWS[:1],
+        8,
+        BatchSpec(batch_size=2),
+        MixReviewSpec(),
+        progress=False,
+    )
     assert len(res.to_learn) == len(res.not_to_forget) == 9  # epoch 0 + 8 epochs
     # a random tiny model starts at 0 and picks up most object tokens of two documents
     assert res.to_learn[0] == 0.0 and res.summary()["top_acc"] > 0.4
@@ -46,12 +55,10 @@ def test_protocol_learns_and_evaluates_each_epoch(tiny_lm_dir):
 
 def test_oracle_trains_only_object_tokens(tiny_lm_dir):
     """With oracle weights the non-object tokens get no gradient signal: their loss barely moves."""
-    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    cfg = ProtocolConfig(epochs=3, lr=1e-2, batch_size=2)
     losses = {}
-    for name, src in {"oracle": OracleWeights(), "uniform": UniformWeights()}.items():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-        losses[name] = run_lama_ckl(model, tok, ROWS, [], src, cfg, progress=False).to_learn
+    for name in ("oracle", "uniform"):
+        batching = BatchSpec(batch_size=2)
+        run = run_lama_ckl(learner(tiny_lm_dir, name), ROWS, [], 3, batching, MixReviewSpec(), progress=False)
+        losses[name] = run.to_learn
     # both learn the object tokens, but the curves differ: the weights changed what was learned
     assert losses["oracle"] != losses["uniform"]

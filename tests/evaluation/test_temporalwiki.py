@@ -86,11 +86,14 @@ def _recipe(tmp_path, model_dir, **extra) -> EvalRecipe:
     data = {
         "run_dir": str(tmp_path / "run"),
         "benchmark": "temporalwiki",
-        "model": {"path": str(model_dir)},
+        "target": {"path": str(model_dir)},
         "data": {"kind": "temporalwiki", "dir": str(_data_dir(tmp_path))},
         "temporalwiki": {"periods": PERIODS, "templates": str(tmp_path / "relations.jsonl")},
         "methods": ["finetune"],
-        "protocol": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "eval_batch_size": 4},
+        "protocol": {"epochs": 1, "eval_batch_size": 4},
+        "optim": {"lr": 1e-3},
+        "batching": {"batch_size": 2, "shuffle": True},
+        "mix_review": {"mix_ratio": 4.0, "mix_decay": 0.7, "per": "period"},
         "progress": False,
     }
     for key, value in extra.items():
@@ -145,13 +148,13 @@ def test_substitute_stream_is_labelled_not_verbatim_and_pools_hold_only_older_da
     assert [len(d) for d in data.stream] == [3, 3]
     changed = data.probe_sets["0901-1001/changed"]
     for doc, probe in zip(data.stream[0], changed):
-        assert doc["object"] == probe["object"] and probe["object"] in doc["evidence"]
-        assert probe["probe"] not in doc["evidence"]  # a paraphrase, not the probe itself
+        assert doc.meta["object"] == probe["object"] and probe["object"] in doc.text
+        assert probe["probe"] not in doc.text  # a paraphrase, not the probe itself
     # period 1 rehearses the older triples minus the one evaluated as an unchanged probe;
     # period 2 adds period 1's documents; no pool holds an unchanged probe's triple
-    assert [d["evidence"] for d in data.pools[0]] == ["The employer of Grace Hopper is London."]
+    assert [d.text for d in data.pools[0]] == ["The employer of Grace Hopper is London."]
     assert len(data.pools[1]) == 1 + 3
-    assert {d["id"] for d in data.stream[0]} <= {d["id"] for d in data.pools[1]}
+    assert {d.id for d in data.stream[0]} <= {d.id for d in data.pools[1]}
     assert "1 evaluated unchanged" in data.pool_label
 
 
@@ -205,7 +208,7 @@ def test_forgetting_is_the_best_earlier_accuracy_minus_the_final_one():
 
 def test_finetune_learns_the_trained_period_and_a_rerun_resumes(tmp_path, tiny_lm_dir):
     methods = ["finetune", "oracle", "mix_review"]
-    recipe = _recipe(tmp_path, tiny_lm_dir, methods=methods, protocol={"lr": 2e-2})
+    recipe = _recipe(tmp_path, tiny_lm_dir, methods=methods, optim={"lr": 2e-2})
     res = run_temporalwiki(recipe)
     sets = res["probe_sets"]
     assert res["benchmark"] == "temporalwiki" and res["periods"] == PERIODS and len(sets) == 4
@@ -242,7 +245,7 @@ def test_oracle_on_user_documents_without_objects_is_refused_naming_methods(tmp_
     with pytest.raises(ConfigError, match=r"^methods: 'oracle'"):
         run_temporalwiki(recipe)
     data = load_data(_recipe(tmp_path / "b", tiny_lm_dir, temporalwiki={"documents": docs}), [])
-    assert data.stream_label.startswith("user documents:") and data.stream[0][0]["evidence"].startswith("Ada")
+    assert data.stream_label.startswith("user documents:") and data.stream[0][0].text.startswith("Ada")
 
 
 def test_recipe_checks_and_the_shipped_recipe_loads(tmp_path, tiny_lm_dir):
@@ -250,4 +253,4 @@ def test_recipe_checks_and_the_shipped_recipe_loads(tmp_path, tiny_lm_dir):
         _recipe(tmp_path, tiny_lm_dir, temporalwiki={"documents": ["only_one.jsonl"]})
     r = load_recipe(EvalRecipe, "recipes/temporalwiki_eval.yaml")
     assert r.benchmark == "temporalwiki" and r.data.kind == "temporalwiki" and r.protocol.epochs == 1
-    assert r.protocol.lr == 1e-4 and "taalm+mix_review" in r.methods
+    assert r.optim.lr == 1e-4 and "taalm+mix_review" in r.methods

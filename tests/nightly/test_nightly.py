@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from ckl_toolkit.nightly.contract import (
-    DivergenceError,
     ExitCode,
     LockedError,
-    NonFiniteGuard,
     RunLock,
     current_version,
     exit_code_for,
@@ -25,7 +23,8 @@ from ckl_toolkit.nightly.contract import (
     publish_version,
     set_current,
 )
-from ckl_toolkit.nightly.streams import StreamError
+from ckl_toolkit.nightly.sources import StreamError
+from ckl_toolkit.training.step import DivergenceError, NonFiniteGuard
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -54,7 +54,7 @@ def make_recipe(tmp: Path, lm: Path, *overrides: str, data: Path | None = None) 
     base = [
         f"output_dir={tmp / 'out'}", f"target.path={lm}", "weights.method=uniform",
         f"data.stream={{paths: [{data or tmp / 'data'}], quarantine_dir: {tmp / 'quarantine'}}}",
-        "data.batch_size=4", "data.max_length=32", "optim.lr=0.01", "progress=false", "log_every=1",
+        "batching.batch_size=4", "batching.max_length=32", "optim.lr=0.01", "progress=false", "log_every=1",
         "save_every=0", "threads=1",
     ]  # fmt: skip
     return load_recipe(UpdateRecipe, None, base + list(overrides))
@@ -105,13 +105,13 @@ def test_two_runs_over_a_growing_stream_learn_every_document_exactly_once(tmp_pa
     write_jsonl(tmp_path / "data/s1.jsonl", facts("a", 6))
     r = make_recipe(tmp_path, tiny_lm_dir)
     first = update(r)
-    assert first["exit_code"] == ExitCode.OK and first["documents"] == 6
+    assert first.exit_code == ExitCode.OK and first.documents == 6
 
     write_jsonl(tmp_path / "data/s1.jsonl", facts("a", 3, start=6), mode="a")  # the shard grows
     write_jsonl(tmp_path / "data/s2.jsonl", facts("b", 4) + facts("a", 2))  # a new shard, 2 repeats
     second = update(r)
-    assert second["exit_code"] == ExitCode.OK and second["documents"] == 7
-    assert second["stream"]["skipped"]["seen"] == 6 + 2
+    assert second.exit_code == ExitCode.OK and second.documents == 7
+    assert second.stream["skipped"]["seen"] == 6 + 2
 
     v1, v2 = list_versions(tmp_path / "out")
     learned = [[d["id"] for d in map(json.loads, open(v / "documents.jsonl"))] for v in (v1, v2)]
@@ -119,7 +119,7 @@ def test_two_runs_over_a_growing_stream_learn_every_document_exactly_once(tmp_pa
     assert sorted(learned[1]) == sorted([f"a{i}" for i in range(6, 9)] + [f"b{i}" for i in range(4)])
     ledger = json.loads((v2 / "ledger.json").read_text())
     assert sorted(ledger["ids"]) == sorted(learned[0] + learned[1])
-    assert update(r)["exit_code"] == ExitCode.NOTHING_TO_DO
+    assert update(r).exit_code == ExitCode.NOTHING_TO_DO
     assert current_version(tmp_path / "out") == v2
     # the served model is v2, trained on top of v1, and it loads as an HF model
     served = AutoModelForCausalLM.from_pretrained(current_version(tmp_path / "out") / "model")
@@ -129,10 +129,10 @@ def test_two_runs_over_a_growing_stream_learn_every_document_exactly_once(tmp_pa
 
 def test_killed_run_resumes_to_the_same_model_as_an_uninterrupted_run(tmp_path, tiny_lm_dir):
     data = write_jsonl(tmp_path / "data/a.jsonl", facts("k", 120)).parent
-    common = ["data.batch_size=2", "optim.name=recadam", "optim.recadam_t0=10", "optim.lr=0.003",
-              "optim.recadam_gamma=300"]  # fmt: skip
+    common = ["batching.batch_size=2", "optim.name=recadam", "optim.recadam.t0=10", "optim.lr=0.003",
+              "optim.recadam.gamma=300"]  # fmt: skip
     ref = update(make_recipe(tmp_path / "ref", tiny_lm_dir, *common, data=data))
-    assert ref["exit_code"] == ExitCode.OK
+    assert ref.exit_code == ExitCode.OK
 
     recipe = make_recipe(tmp_path / "kill", tiny_lm_dir, *common, "save_every=3", data=data)
     path = tmp_path / "kill.yaml"
@@ -152,8 +152,8 @@ def test_killed_run_resumes_to_the_same_model_as_an_uninterrupted_run(tmp_path, 
     assert current_version(tmp_path / "kill/out") is None
 
     resumed = update(recipe)
-    assert resumed["exit_code"] == ExitCode.OK and resumed["resumed_from"] >= 9
-    assert resumed["steps"] == ref["steps"] and resumed["documents"] == ref["documents"]
+    assert resumed.exit_code == ExitCode.OK and resumed.resumed_from >= 9
+    assert resumed.steps == ref.steps and resumed.documents == ref.documents
     want, got = published_tensors(tmp_path / "ref/out"), published_tensors(tmp_path / "kill/out")
     assert want.keys() == got.keys()
     for name in want:
@@ -165,9 +165,9 @@ def test_sigterm_checkpoints_exits_6_and_the_next_run_finishes_the_same_model(
     tmp_path, tiny_lm_dir, monkeypatch
 ):
     data = write_jsonl(tmp_path / "data/a.jsonl", facts("s", 24)).parent
-    ref = update(make_recipe(tmp_path / "ref", tiny_lm_dir, "data.batch_size=2", data=data))
+    ref = update(make_recipe(tmp_path / "ref", tiny_lm_dir, "batching.batch_size=2", data=data))
     path = tmp_path / "r.yaml"
-    path.write_text(to_yaml(make_recipe(tmp_path / "term", tiny_lm_dir, "data.batch_size=2", data=data)))
+    path.write_text(to_yaml(make_recipe(tmp_path / "term", tiny_lm_dir, "batching.batch_size=2", data=data)))
 
     log = MetricsLogger.log
 
@@ -184,7 +184,7 @@ def test_sigterm_checkpoints_exits_6_and_the_next_run_finishes_the_same_model(
     assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), StopFlag)  # restored
     assert run_cli(str(path), []) == ExitCode.OK
     want, got = published_tensors(tmp_path / "ref/out"), published_tensors(tmp_path / "term/out")
-    assert ref["exit_code"] == ExitCode.OK and all(torch.equal(want[k], got[k]) for k in want)
+    assert ref.exit_code == ExitCode.OK and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_bad_input_is_quarantined_with_file_and_line_or_fatal(tmp_path, tiny_lm_dir):
@@ -195,8 +195,8 @@ def test_bad_input_is_quarantined_with_file_and_line_or_fatal(tmp_path, tiny_lm_
     ]  # fmt: skip
     shard = write_jsonl(tmp_path / "data/a.jsonl", lines)
     res = update(make_recipe(tmp_path, tiny_lm_dir, "data.stream.max_chars=400"))
-    assert res["exit_code"] == ExitCode.OK and res["documents"] == 3
-    assert res["stream"]["skipped"] == {
+    assert res.exit_code == ExitCode.OK and res.documents == 3
+    assert res.stream["skipped"] == {
         "bad_json": 1,
         "missing_field": 1,
         "empty_text": 1,
@@ -241,10 +241,10 @@ def test_lock_and_divergence_exit_codes_leave_current_unchanged(tmp_path, tiny_l
 
 def test_recadam_pulls_toward_the_anchors_as_scheduled(tmp_path, tiny_lm_dir):
     write_jsonl(tmp_path / "data/a.jsonl", facts("a", 48))
-    common = ["data.batch_size=2", "optim.lr=0.003", "epochs=1"]
+    common = ["batching.batch_size=2", "optim.lr=0.003", "epochs=1"]
     data = tmp_path / "data"
     update(make_recipe(tmp_path / "adam", tiny_lm_dir, *common, "optim.name=adamw", data=data))
-    recadam = ["optim.name=recadam", "optim.recadam_gamma=300", "optim.recadam_k=1.0", "optim.recadam_t0=14"]
+    recadam = ["optim.name=recadam", "optim.recadam.gamma=300", "optim.recadam.k=1.0", "optim.recadam.t0=14"]
     update(make_recipe(tmp_path / "rec", tiny_lm_dir, *common, *recadam, data=data))
     drift = {m["step"]: m["drift"] for m in read_metrics(tmp_path / "rec/out") if m["event"] == "step"}
     assert drift[1] is not None and max(drift[s] for s in range(1, 9)) < 0.05  # λ ≈ 0: held at θ*
@@ -262,7 +262,7 @@ def test_mix_review_ratio_follows_its_schedule_per_epoch_and_per_period(tmp_path
     write_jsonl(tmp_path / "data/a.jsonl", facts("n", 4))
     pool = write_jsonl(tmp_path / "pool/p.jsonl", facts("p", 10))
     mix = [
-        f"mix_review.pool={{paths: [{pool}], on_error: fatal}}",
+        f"data.pool={{paths: [{pool}], on_error: fatal}}",
         "mix_review.mix_ratio=2.0",
         "mix_review.mix_decay=0.5",
     ]
@@ -270,7 +270,7 @@ def test_mix_review_ratio_follows_its_schedule_per_epoch_and_per_period(tmp_path
     epochs = [m for m in read_metrics(tmp_path / "e/out") if m["event"] == "epoch"]
     assert [(m["new"], m["rehearsal"], m["ratio"]) for m in epochs] == [(4, 8, 2.0), (4, 4, 1.0), (4, 2, 0.5)]
     assert all(i.startswith("p") for m in epochs for i in m["rehearsal_ids"])
-    assert res["rehearsal_documents"] == 14
+    assert res.rehearsal_documents == 14
     ledger = json.loads((current_version(tmp_path / "e/out") / "ledger.json").read_text())
     assert sorted(ledger["ids"]) == ["n0", "n1", "n2", "n3"]  # rehearsal is not new knowledge
 
@@ -304,7 +304,7 @@ def test_ta_weights_differ_from_uniform_and_change_what_is_learned(tmp_path, tin
     update(make_recipe(tmp_path / "u", tiny_lm_dir, *common, data=data))
     ta_run = update(make_recipe(tmp_path / "t", tiny_lm_dir, *common, "weights.method=taalm",
                                 f"weights.ta_path={ta_dir}", data=data))  # fmt: skip
-    assert ta_run["exit_code"] == ExitCode.OK
+    assert ta_run.exit_code == ExitCode.OK
     w_means = [m["w_mean"] for m in read_metrics(tmp_path / "t/out") if m["event"] == "step"]
     assert 0.2 < sum(w_means) / len(w_means) < 0.8  # not uniform (which is 1.0 everywhere)
 
@@ -336,7 +336,7 @@ def test_ta_weights_differ_from_uniform_and_change_what_is_learned(tmp_path, tin
 def test_oracle_and_rho1_weights_run_and_select_tokens(tmp_path, tiny_lm_dir, method):
     write_jsonl(tmp_path / "data/a.jsonl", facts("o", 6))
     res = update(make_recipe(tmp_path, tiny_lm_dir, f"weights.method={method}", "weights.keep_ratio=0.25"))
-    assert res["exit_code"] == ExitCode.OK
+    assert res.exit_code == ExitCode.OK
     w_means = [m["w_mean"] for m in read_metrics(tmp_path / "out") if m["event"] == "step"]
     assert all(0.05 < w < 0.5 for w in w_means), w_means  # objects / the top quarter, not everything
 

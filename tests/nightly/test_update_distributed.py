@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_update import facts, make_recipe, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from ckl_toolkit.core.config import to_yaml
 from ckl_toolkit.nightly.contract import current_version
 from ckl_toolkit.nightly.run import read_metrics
 from ckl_toolkit.update import update
+from tests.nightly.test_update import facts, make_recipe, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def test_two_rank_zero3_lora_update_exports_an_adapter_that_loads(tmp_path, tiny
 
     data = write_jsonl(tmp_path / "data/a.jsonl", facts("d", 10)).parent  # 20 rows (2 windows each)
     common = ["target.kind=lora", "target.lora.r=4", "target.export=merged", "optim.name=recadam",
-              "optim.recadam_gamma=50", "optim.recadam_t0=2", "save_every=2"]  # fmt: skip
+              "optim.recadam.gamma=50", "optim.recadam.t0=2", "save_every=2"]  # fmt: skip
     recipe = make_recipe(tmp_path / "ds", tiny_lm_dir, *common, "engine.backend=deepspeed",
                          "engine.ds_config=zero3", data=data)  # fmt: skip
     path = tmp_path / "zero3.yaml"
@@ -40,7 +40,7 @@ def test_two_rank_zero3_lora_update_exports_an_adapter_that_loads(tmp_path, tiny
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout[res.stdout.index("{") :])  # rank 0 prints the run summary
-    assert summary["exit_code"] == 0 and summary["documents"] == 10 and summary["steps"] == 5  # 20 rows / 4
+    assert summary.exit_code == 0 and summary.documents == 10 and summary.steps == 5  # 20 rows / 4
 
     # The adapter: every LoRA matrix, trained (B starts at zero), loadable by peft, equal to the merge.
     version = current_version(tmp_path / "ds/out")
@@ -66,4 +66,4 @@ def test_two_rank_zero3_lora_update_exports_an_adapter_that_loads(tmp_path, tiny
     mine = load_file(str(current_version(tmp_path / "one/out") / "adapter/adapter_model.safetensors"))
     for name, t in tensors.items():
         assert torch.allclose(t, mine[name], atol=1e-5), name
-    assert single["steps"] == summary["steps"]
+    assert single["steps"] == summary.steps

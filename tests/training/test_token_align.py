@@ -6,8 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_lm_dir
-from test_update import facts, make_recipe, write_jsonl
 from transformers import AutoTokenizer
 
 from ckl_toolkit.core.ta_model import build_ta_model, save_ta_model
@@ -15,14 +13,19 @@ from ckl_toolkit.core.text import encode
 from ckl_toolkit.nightly.contract import ExitCode
 from ckl_toolkit.nightly.run import read_metrics
 from ckl_toolkit.training.token_align import (
-    CrossTokenizerTAWeights,
     align_weights,
     decode_spans,
-    row_text_batch,
     same_tokenizer,
 )
-from ckl_toolkit.training.weighting import TextBatch, TrainAttentionWeights
+from ckl_toolkit.training.weighers import (
+    CrossTokenizerTAWeights,
+    TextBatch,
+    TrainAttentionWeights,
+    row_text_batch,
+)
 from ckl_toolkit.update import update
+from tests.conftest import build_tiny_lm_dir
+from tests.nightly.test_update import facts, make_recipe, write_jsonl
 
 TEXT = "Ada Lovelace was born in Zürich — 東京 . Grace Hopper works for Babbage Engines ."
 
@@ -69,9 +72,9 @@ def test_offsets_with_the_same_tokenizer_reproduce_identity_weights(tmp_path, ti
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     texts = [r["text"] for r in facts("x", 4)] + [TEXT]
     enc = encode(tok, texts, 64)
-    identity = TrainAttentionWeights(ta).weights(TextBatch(enc, texts))  # (B, T-1)
+    identity = TrainAttentionWeights(ta)(TextBatch(enc, texts))  # (B, T-1)
     rows = row_text_batch(tok, enc.input_ids, enc.attention_mask)
-    mapped = CrossTokenizerTAWeights(ta, tok, "max").weights(rows)
+    mapped = CrossTokenizerTAWeights(ta, tok, "max")(rows)
     assert identity.std() > 0.05  # not uniform
     assert torch.allclose(identity[:4], mapped[:4], atol=1e-6)
     # Characters are the unit: the byte tokens of "ü", "—", "東", "京" share a span, so they share a weight.
@@ -93,9 +96,7 @@ def test_a_ta_model_with_another_tokenizer_weights_the_target_through_offsets(
     assert same_tokenizer(sidecar, tok) is False and same_tokenizer(sidecar, ta_tok) is True
     enc = encode(tok, [TEXT], 64)
     assert enc.input_ids.shape[1] != ta_tok(TEXT, return_tensors="pt")["input_ids"].shape[1]
-    w = CrossTokenizerTAWeights(ta, ta_tok, "max").weights(
-        row_text_batch(tok, enc.input_ids, enc.attention_mask)
-    )
+    w = CrossTokenizerTAWeights(ta, ta_tok, "max")(row_text_batch(tok, enc.input_ids, enc.attention_mask))
     assert w.shape == (1, enc.input_ids.shape[1] - 1)
 
     # Each target token's weight is the max over the φ tokens its characters overlap.
@@ -109,6 +110,6 @@ def test_a_ta_model_with_another_tokenizer_weights_the_target_through_offsets(
     # End to end: `align: auto` sees another tokenizer and maps; the update learns and publishes.
     write_jsonl(tmp_path / "data/a.jsonl", facts("c", 6))
     res = update(make_recipe(tmp_path, tiny_lm_dir, "weights.method=taalm", f"weights.ta_path={ta_dir}"))
-    assert res["exit_code"] == ExitCode.OK
+    assert res.exit_code == ExitCode.OK
     w_means = [m["w_mean"] for m in read_metrics(tmp_path / "out") if m["event"] == "step"]
     assert all(0.05 < x < 0.99 for x in w_means), w_means  # uniform would be 1.0

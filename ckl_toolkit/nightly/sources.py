@@ -1,4 +1,4 @@
-"""Document streams for the nightly update: sources, exact positions, a seen-set, quarantine, batches.
+"""Document sources for the nightly update: shards, readers, exact positions, quarantine.
 
 Order. Every entry of ``StreamConfig.paths`` is expanded (a directory recursively, a glob by its
 matches; hidden files such as half-written ``.x.tmp`` are ignored) and the union of shards is sorted
@@ -35,16 +35,14 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ckl_toolkit.core.config import ConfigError, check_choices, fld, require
-from ckl_toolkit.core.io import JsonlError, append_jsonl, parse_json_object, write_json_atomic
-from ckl_toolkit.core.text import ensure_pad_token
+from ckl_toolkit.core.documents import Document, Position
+from ckl_toolkit.core.io import JsonlError, append_jsonl, parse_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +52,6 @@ ON_ERROR = ("quarantine", "fatal")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 TRIPLE_FIELDS = ("subject", "relation", "object")
 RENDERED_TRIPLES = "rendered-triples"
-LEDGER_FORMAT = "ckl-ledger/1"
 
 
 @dataclass
@@ -107,59 +104,16 @@ class StreamConfig:
             raise ConfigError(f"triple_template: {e!r}; use {{subject}}, {{relation}} and {{object}}") from e
 
 
-@dataclass(frozen=True)
-class Position:
-    """Where a pass stands: after record ``line`` of ``shard`` (None: at the start).
-
-    ``tokens`` counts tokens of the *next* document already consumed by ``batches``, so a resumed
-    pass can cut that document exactly where the interrupted one stopped.
-    """
-
-    shard: str | None = None
-    line: int = 0
-    tokens: int = 0
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict | Position | None) -> Position:
-        if obj is None or isinstance(obj, Position):
-            return obj or cls()
-        pos = cls(obj.get("shard"), int(obj.get("line", 0)), int(obj.get("tokens", 0)))
-        if pos.line < 0 or pos.tokens < 0 or (pos.shard is None and pos.line):
-            raise ValueError(f"Position: invalid {obj!r}")
-        return pos
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document; ``shard`` and ``line`` say where it came from."""
-
-    id: str
-    text: str
-    shard: str
-    line: int
-    meta: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def position(self) -> Position:
-        """The position right after this document."""
-        return Position(self.shard, self.line)
-
-
 @dataclass
 class StreamStats:
     """Counts for metrics.jsonl. ``skipped`` keys: bad_json, non_utf8, bad_columns, missing_field,
     bad_type, empty_text, too_long, incomplete_tail (left for the next pass), seen (in the ledger),
-    duplicate (an id met earlier in this pass), no_tokens (the tokenizer gave none)."""
+    duplicate (an id met earlier in this pass)."""
 
     read: int = 0
     blank: int = 0
     quarantined: int = 0
     skipped: Counter = field(default_factory=Counter)
-    split_docs: int = 0  # documents longer than max_length tokens, split into windows (never truncated)
-    tokens: int = 0  # real (non-pad) tokens put into batches
 
     def to_dict(self) -> dict:
         return {**asdict(self), "skipped": dict(sorted(self.skipped.items()))}
@@ -462,178 +416,3 @@ def _quarantine_keys(path: Path) -> set:
                 except (ValueError, KeyError, TypeError):  # a torn last append
                     continue
     return keys
-
-
-# ---------------------------------------------------------------------------------------------
-# The seen-set.
-
-
-class DocumentLedger:
-    """Ids of the documents already learned, so consecutive runs learn each exactly once.
-
-    Stored as JSON ``{"format", "count", "ids"}`` and only ever replaced atomically. ``mark`` what
-    a step has learned, ``commit`` together with the checkpoint or version that holds it: ids
-    committed before the model that learned them is saved would be lost by a crash in between.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._committed = self._load(self.path)
-        self._pending: set[str] = set()
-
-    @staticmethod
-    def _load(path: Path) -> set[str]:
-        if not path.exists():
-            return set()
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            # Never start empty over a damaged ledger: that would learn every document again.
-            raise ValueError(f"{path}: unreadable ledger ({e}); restore it from the current version") from e
-        if (
-            not isinstance(obj, dict)
-            or obj.get("format") != LEDGER_FORMAT
-            or not isinstance(obj.get("ids"), list)
-        ):
-            raise ValueError(f"{path}: not a {LEDGER_FORMAT} ledger")
-        return set(obj["ids"])
-
-    def __len__(self) -> int:
-        return len(self._committed | self._pending)
-
-    def seen(self, doc: Document | str) -> bool:
-        """True if the document was committed or marked."""
-        key = doc if isinstance(doc, str) else doc.id
-        return key in self._committed or key in self._pending
-
-    def mark(self, docs: Iterable[Document | str]) -> None:
-        self._pending.update(d if isinstance(d, str) else d.id for d in docs)
-
-    def commit(self, path: str | os.PathLike | None = None) -> Path:
-        """Atomically write committed + marked ids to ``path`` (default: the ledger's own)."""
-        self._committed |= self._pending
-        self._pending.clear()
-        target = Path(path) if path else self.path
-        ids = sorted(self._committed)
-        write_json_atomic(target, {"format": LEDGER_FORMAT, "count": len(ids), "ids": ids})
-        return target
-
-    def unseen(self, docs: Iterable[Document], stats: StreamStats | None = None) -> Iterator[Document]:
-        """Documents not in the ledger, each id once per pass (a repeated id is a duplicate)."""
-        passed: set[str] = set()
-        for doc in docs:
-            reason = "seen" if self.seen(doc) else "duplicate" if doc.id in passed else None
-            if reason:
-                if stats is not None:
-                    stats.skipped[reason] += 1
-                continue
-            passed.add(doc.id)
-            yield doc
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenisation into batches.
-
-
-def batches(
-    docs: Iterable[Document],
-    tokenizer: Any,
-    max_length: int,
-    batch_size: int,
-    pack: bool = False,
-    start: Position | dict | None = None,
-    stats: StreamStats | None = None,
-) -> Iterator[dict]:
-    """Tokenise documents into right-padded (B, T) batches.
-
-    A document longer than ``max_length`` tokens is split into consecutive windows, never
-    truncated, since a cut-off tail would be knowledge silently not learned (``stats.split_docs``).
-    ``pack=False``: every row holds one window of one document. ``pack=True``: documents, each
-    followed by EOS, are concatenated and cut into rows of exactly ``max_length`` (the last row may
-    be shorter); attention is not blocked between packed documents.
-
-    Args:
-        docs: documents in stream order (usually ``ledger.unseen(stream)``).
-        tokenizer: a Hugging Face tokenizer (special tokens as its defaults add them).
-        max_length: tokens per row.
-        batch_size: rows per batch.
-        pack: pack documents into full rows instead of padding each.
-        start: the ``position`` of the batch to resume after; the stream must resume from it too.
-        stats: counts ``split_docs`` and ``tokens`` into it.
-
-    Yields:
-        ``input_ids`` and ``attention_mask`` (B, T) long; ``doc_ids`` and ``texts`` of the
-        documents with tokens in the batch; ``completed``: the Documents whose last token is in it
-        (mark these in the ledger after the step); ``position``: JSON to resume right after it.
-    """
-    if max_length < 1 or batch_size < 1:
-        raise ValueError(f"batches: max_length and batch_size must be >= 1, got {max_length}, {batch_size}")
-    ensure_pad_token(tokenizer)
-    stats = stats if stats is not None else StreamStats()
-    group: list[tuple[list[int], list[Document], list[Document], Position]] = []
-    pieces = _tokenised(docs, tokenizer, pack, stats)
-    for row in _rows(pieces, max_length, pack, Position.from_json(start), stats):
-        group.append(row)
-        if len(group) == batch_size:
-            yield _collate(group, tokenizer.pad_token_id)
-            group = []
-    if group:
-        yield _collate(group, tokenizer.pad_token_id)
-
-
-def _tokenised(docs: Iterable[Document], tokenizer: Any, pack: bool, stats: StreamStats) -> Iterator[tuple]:
-    """(doc, token ids) in order; tokenised 64 at a time because a fast tokenizer batches well."""
-    eos = [tokenizer.eos_token_id] if pack and tokenizer.eos_token_id is not None else []
-    docs = iter(docs)
-    while group := [d for _, d in zip(range(64), docs)]:
-        for doc, ids in zip(group, tokenizer([d.text for d in group])["input_ids"]):
-            if not ids and not eos:  # nothing to learn; not completed, so the next pass meets it again
-                stats.skipped["no_tokens"] += 1
-                continue
-            yield doc, list(ids) + eos
-
-
-def _rows(pieces: Iterable, max_length: int, pack: bool, state: Position, stats: StreamStats) -> Iterator:
-    """Cut token lists into rows; yield (row, docs in it, docs completed by it, position after it)."""
-    row: list[int] = []
-    members: list[Document] = []
-    completed: list[Document] = []
-    skip = state.tokens  # the first document resumes mid-way
-    for doc, ids in pieces:
-        stats.split_docs += int(len(ids) > max_length)
-        done, ids, skip = skip, ids[skip:], 0  # a saved offset is always < len(ids)
-        while ids:
-            take, ids = ids[: max_length - len(row)], ids[max_length - len(row) :]
-            row += take
-            done += len(take)
-            members.append(doc)
-            if ids:
-                state = Position(state.shard, state.line, done)
-            else:
-                completed.append(doc)
-                state = doc.position
-            if len(row) == max_length or (not pack and not ids):
-                stats.tokens += len(row)
-                yield row, members, completed, state
-                row, members, completed = [], [], []
-    if row:
-        stats.tokens += len(row)
-        yield row, members, completed, state
-
-
-def _collate(group: list[tuple], pad_id: int) -> dict:
-    width = max(len(row) for row, *_ in group)
-    input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(group), width), dtype=torch.long)
-    for b, (row, *_) in enumerate(group):
-        input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[b, : len(row)] = 1
-    members = list({(d.shard, d.line): d for _, docs, _, _ in group for d in docs}.values())
-    return {
-        "input_ids": input_ids,  # (B, T)
-        "attention_mask": attention_mask,  # (B, T), 1 on real tokens
-        "doc_ids": [d.id for d in members],
-        "texts": [d.text for d in members],
-        "completed": [d for _, _, done, _ in group for d in done],
-        "position": group[-1][3].to_json(),
-    }

@@ -1,4 +1,4 @@
-"""Document streams: order, exact resume, exactly-once, quarantine, CSV/parquet/hf sources, batches."""
+"""Document sources and the ledger: order, exact resume, exactly-once, quarantine, CSV/parquet/hf."""
 
 from __future__ import annotations
 
@@ -8,19 +8,15 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from ckl_toolkit.core.config import ConfigError, from_dict
-from ckl_toolkit.nightly.streams import (
+from ckl_toolkit.core.documents import Position
+from ckl_toolkit.nightly.ledger import DocumentLedger
+from ckl_toolkit.nightly.sources import (
     RENDERED_TRIPLES,
-    DocumentLedger,
     DocumentStream,
-    Position,
     StreamConfig,
     StreamError,
-    batches,
     resolve_shards,
 )
 
@@ -59,17 +55,6 @@ def read_all(config: StreamConfig, position=None) -> tuple[list, DocumentStream]
 def quarantine_records(tmp_path, shard_name: str) -> list[dict]:
     path = tmp_path / "quarantine" / f"{shard_name}.jsonl"
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level with no merges: one token per UTF-8 byte, so lengths are known exactly."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,53 +317,3 @@ def test_hf_datasets_streaming_matches_the_native_readers(tmp_path, monkeypatch)
     assert [d.line for d in streamed] == [1, 2, 3, 1] and native[-1].line == 2
     rest, _ = read_all(cfg(tmp_path, [tmp_path], format="hf"), streamed[1].position)
     assert [d.id for d in rest] == [d.id for d in native[2:]]
-
-
-# ---------------------------------------------------------------------------------------------
-# batches
-
-
-def doc_stream(tmp_path, texts: list[str]) -> StreamConfig:
-    write_lines(tmp_path / "s.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
-    return cfg(tmp_path, [tmp_path / "s.jsonl"])
-
-
-TEXTS = ["short", "exactly8", "a document of twenty", "x", "nineteen characters", "ok"]
-
-
-def test_padded_batches_split_long_documents_into_windows(tmp_path, tokenizer):
-    stream = DocumentStream(doc_stream(tmp_path, TEXTS))
-    out = list(batches(stream, tokenizer, max_length=8, batch_size=3, stats=stream.stats))
-    rows = [(ids[m.bool()].tolist()) for b in out for ids, m in zip(b["input_ids"], b["attention_mask"])]
-    expected = [ids[i : i + 8] for ids in tokenizer(TEXTS)["input_ids"] for i in range(0, len(ids), 8)]
-    assert rows == expected  # every token, in order, one document per row: nothing truncated
-    assert stream.stats.split_docs == 2 and stream.stats.tokens == sum(len(t) for t in TEXTS)
-    assert out[0]["input_ids"].shape == (3, 8) and out[0]["input_ids"].dtype == torch.long
-    assert out[0]["doc_ids"] == ["d0", "d1", "d2"] and out[0]["texts"][2] == TEXTS[2]
-    assert [d.id for d in out[0]["completed"]] == ["d0", "d1"]  # d2 continues in the next batch
-    assert [d.id for b in out for d in b["completed"]] == [f"d{i}" for i in range(6)]
-    assert (out[-1]["input_ids"][out[-1]["attention_mask"] == 0] == tokenizer.pad_token_id).all()
-
-
-def test_packed_batches_fill_rows_with_eos_between_documents(tmp_path, tokenizer):
-    out = list(
-        batches(DocumentStream(doc_stream(tmp_path, TEXTS)), tokenizer, max_length=8, batch_size=2, pack=True)
-    )
-    flat = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in out]).tolist()
-    assert flat == [t for ids in tokenizer(TEXTS)["input_ids"] for t in ids + [tokenizer.eos_token_id]]
-    masks = torch.cat([b["attention_mask"] for b in out])
-    assert masks[:-1].all() and masks.shape[1] == 8  # only the very last row is short
-
-
-@pytest.mark.parametrize("pack", [False, True])
-def test_batches_resume_exactly_after_any_batch(tmp_path, tokenizer, pack):
-    config = doc_stream(tmp_path, TEXTS * 2)
-    full = list(batches(DocumentStream(config), tokenizer, 8, 2, pack=pack))
-    assert len(full) > 4
-    for k, done in enumerate(full):
-        saved = json.loads(json.dumps(done["position"]))
-        rest = list(batches(DocumentStream(config, saved), tokenizer, 8, 2, pack=pack, start=saved))
-        assert len(rest) == len(full) - k - 1
-        for a, b in zip(rest, full[k + 1 :]):
-            assert torch.equal(a["input_ids"], b["input_ids"]) and a["doc_ids"] == b["doc_ids"]
-            assert [d.id for d in a["completed"]] == [d.id for d in b["completed"]]

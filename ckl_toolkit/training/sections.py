@@ -1,0 +1,240 @@
+"""The recipe sections of the shared training layer, the same in ``ckl update`` and ``ckl eval``.
+
+    target      what trains: full / lora / qlora / kadapter           -> TargetSpec.build -> Target
+    weights     which tokens count: uniform / oracle / taalm / rho1    -> WeightSpec.build -> Weigher
+    optim       AdamW or RecAdam, lr, clipping                         -> OptimSpec.build -> Optimizer
+    mix_review  how much older data to rehearse (the pool is data)     -> MixReviewSpec.epoch -> documents
+    batching    rows, windows of long documents, packing, shuffling    -> training.batching.batches
+
+One spelling per setting: RecAdam's γ is ``optim.recadam.gamma`` in every recipe. Field help is the
+documentation (``ckl fields``). A benchmark method (``taalm+mix_review``) only sets ``weights.method``,
+``target.kind``, ``optim.name`` and whether mix-review is on (``evaluation.methods``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ckl_toolkit.core.config import ConfigError, check_choices, fld, require
+from ckl_toolkit.core.documents import Document
+from ckl_toolkit.core.models import DTYPES, LoraSpec
+from ckl_toolkit.training.batching import epoch_documents
+from ckl_toolkit.training.kadapter import KAdapterConfig
+from ckl_toolkit.training.mix_review import MixReviewConfig
+from ckl_toolkit.training.recadam import RecAdam
+from ckl_toolkit.training.targets import Target, build_target
+from ckl_toolkit.training.weighers import Weigher, build_weigher
+
+TARGET_KINDS = ("full", "lora", "qlora", "kadapter")
+EXPORTS = ("auto", "model", "merged", "adapter")
+WEIGHT_METHODS = ("taalm", "uniform", "oracle", "rho1")
+OPTIMIZERS = ("adamw", "recadam")
+
+
+@dataclass
+class KAdapterSpec:
+    layers: list[int] | None = fld(None, "Base layers the adapters read (null: first, middle, last).")
+    adapter_hidden: int = fld(128, "Width of the adapter transformer layers.")
+    num_heads: int = fld(4, "Attention heads per adapter layer (must divide adapter_hidden).")
+    block_layers: int = fld(2, "Transformer layers inside each adapter.")
+    scale: float = fld(0.1, "Factor on the adapter output fused into the last hidden state.")
+    dropout: float = fld(0.1, "Dropout inside the adapters.")
+
+    def build(self) -> KAdapterConfig:
+        try:
+            return KAdapterConfig(**self.__dict__)
+        except ValueError as e:  # "kadapter.x=...": from_dict adds the section path itself
+            raise ConfigError(str(e).removeprefix("kadapter.")) from None
+
+    def __post_init__(self):
+        self.build()
+
+
+@dataclass
+class TargetSpec:
+    path: str = fld("", "HF causal-LM directory of the model before its first update.")
+    kind: str = fld(
+        "full",
+        "What trains: full (every weight), lora / qlora (peft adapters; qlora needs CUDA and "
+        "bitsandbytes), kadapter (frozen base + K-Adapter blocks).",
+        choices=TARGET_KINDS,
+    )
+    dtype: str = fld("float32", "Parameter dtype of the target.", choices=tuple(DTYPES))
+    attn_implementation: str = fld("sdpa", "Attention kernel of the target.", choices=("eager", "sdpa"))
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    kadapter: KAdapterSpec = field(default_factory=KAdapterSpec)
+    export: str = fld(
+        "auto",
+        "What a version holds: model (HF safetensors), merged (LoRA merged into an HF model, plus "
+        "the adapter), adapter (peft or K-Adapter dir); auto: model for full, adapter otherwise.",
+        choices=EXPORTS,
+    )
+
+    def __post_init__(self):
+        check_choices(self)
+        require(bool(self.path), "path", "a model directory is required")
+        export = self.export_kind
+        require(
+            export != "merged" or self.kind in ("lora", "qlora"),
+            "export",
+            f"'merged' needs target.kind lora or qlora, got {self.kind!r}",
+        )
+        require(
+            export != "adapter" or self.kind != "full",
+            "export",
+            "a full fine-tune has no adapter; use 'model'",
+        )
+        require(
+            export != "model" or self.kind == "full",
+            "export",
+            f"target.kind={self.kind!r} exports 'adapter' (or 'merged' for LoRA)",
+        )
+
+    @property
+    def export_kind(self) -> str:
+        """``export`` with auto resolved: model for a full fine-tune, adapter otherwise."""
+        if self.export == "auto":
+            return "model" if self.kind == "full" else "adapter"
+        return self.export
+
+    def build(self, version: Path | None, seed: int) -> Target:
+        """The target of a run starting from ``version`` (None: from ``path``); see training.targets."""
+        return build_target(self, version, seed)
+
+
+@dataclass
+class WeightSpec:
+    method: str = fld(
+        "uniform",
+        "Token weights: taalm (frozen TA model), uniform (plain fine-tuning), oracle (1 on each "
+        "document's object field), rho1 (top keep_ratio tokens by excess loss over the pre-update model).",
+        choices=WEIGHT_METHODS,
+    )
+    ta_path: str | None = fld(None, "TA model directory (ckl meta-train output); needed for taalm.")
+    align: str = fld(
+        "auto",
+        "auto: identity when the TA model records the target's tokenizer, else offsets; "
+        "offsets: map weights through character offsets (docs/ARCHITECTURE.md §4).",
+        choices=("auto", "identity", "offsets"),
+    )
+    reduce: str = fld(
+        "max", "How a target token combines the TA tokens it overlaps.", choices=("max", "mean")
+    )
+    normalize: bool = fld(
+        True, "Divide each row's weighted loss by its weight sum (TAALM), else by its tokens."
+    )
+    keep_ratio: float = fld(0.6, "rho1: fraction of the batch's tokens kept.")
+    object_field: str = fld("object", "oracle: document field holding the object string.")
+
+    def __post_init__(self):
+        check_choices(self)
+        require(
+            self.method != "taalm" or bool(self.ta_path),
+            "ta_path",
+            "needed with method=taalm (or choose uniform, oracle, rho1)",
+        )
+        require(0.0 < self.keep_ratio <= 1.0, "keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
+
+    def build(self, target: Target, version: Path | None, seed: int, device) -> Weigher:
+        """The weigher of this section for ``target`` (see training.weighers.build_weigher)."""
+        return build_weigher(self, target, version, seed, device)
+
+
+@dataclass
+class RecAdamSpec:
+    gamma: float = fld(5000.0, "Strength γ of the pull γ/2·‖θ−θ*‖² (lr·γ must stay below 2).")
+    k: float = fld(0.5, "Steepness k of λ(t) = 1/(1+exp(−k(t−t0))).")
+    t0: float = fld(250.0, "Step t0 where λ = 0.5 (the paper's default; scale it to your run's steps).")
+
+
+@dataclass
+class OptimSpec:
+    name: str = fld(
+        "adamw", "adamw, or recadam (annealed pull back to the run's starting weights).", choices=OPTIMIZERS
+    )
+    lr: float = fld(1e-4, "Learning rate (constant).")
+    weight_decay: float = fld(0.0, "Decoupled weight decay.")
+    grad_clip: float = fld(1.0, "Clip the gradient norm (0: off).")
+    recadam: RecAdamSpec = field(default_factory=RecAdamSpec)
+
+    moved: ClassVar[dict[str, str]] = {
+        "recadam_gamma": "optim.recadam.gamma",
+        "recadam_k": "optim.recadam.k",
+        "recadam_t0": "optim.recadam.t0",
+    }
+
+    def __post_init__(self):
+        check_choices(self)
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        if self.name == "recadam":
+            require(
+                self.lr * self.recadam.gamma < 2,
+                "recadam.gamma",
+                f"lr*gamma = {self.lr * self.recadam.gamma:g} must be < 2 (the pull diverges)",
+            )
+
+    def build(self, params) -> torch.optim.Optimizer:
+        """AdamW, or RecAdam anchored at the weights of its first step, over ``params``."""
+        if self.name == "recadam":
+            r = self.recadam
+            return RecAdam(params, lr=self.lr, weight_decay=self.weight_decay, gamma=r.gamma,
+                           anneal_k=r.k, anneal_t0=r.t0)  # fmt: skip
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass
+class MixReviewSpec:
+    mix_ratio: float = fld(
+        0.0, "Rehearsal documents per new document at epoch/period 0 (0: off); the pool is the job's data."
+    )
+    mix_decay: float = fld(0.7, "Factor on mix_ratio after each epoch or period, in [0, 1].")
+    per: str = fld("epoch", "Decay per epoch of a run, or per period (published version).",
+                   choices=("epoch", "period"))  # fmt: skip
+    seed: int = fld(0, "Seed of the rehearsal draw.")
+
+    moved: ClassVar[dict[str, str]] = {"pool": "data.pool"}
+
+    def __post_init__(self):
+        check_choices(self)
+        try:
+            MixReviewConfig(self.mix_ratio, self.mix_decay, self.seed)
+        except ValueError as e:
+            raise ConfigError(str(e).removeprefix("mix_review.")) from None
+
+    def epoch(
+        self, new: list[Document], pool: list[Document], period: int, epoch: int, shuffle_key: str | None
+    ) -> tuple[list[Document], float]:
+        """The documents of ``epoch`` of ``period`` in training order, and the rehearsal ratio.
+
+        ratio = mix_ratio · mix_decay**e, e the epoch (per='epoch') or the period (per='period');
+        the draw is fresh per night (per='epoch') or per epoch (per='period').
+        """
+        exponent = epoch if self.per == "epoch" else period
+        salt = period if self.per == "epoch" else epoch
+        return epoch_documents(
+            new, pool, self.mix_ratio, self.mix_decay, self.seed * 1_000_003 + salt, exponent, shuffle_key
+        )
+
+
+@dataclass
+class BatchSpec:
+    max_length: int = fld(256, "Tokens per row; longer documents are split into windows, never truncated.")
+    batch_size: int = fld(8, "Rows per optimizer step, over all ranks.")
+    pack: bool = fld(False, "Pack documents (EOS-separated) into full rows instead of padding each.")
+    shuffle: bool = fld(
+        False, "Shuffle documents per epoch (seeded); off keeps arrival order, so later wins."
+    )
+
+    def __post_init__(self):
+        require(self.max_length >= 2, "max_length", "must be >= 2")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+    def shuffle_key(self, seed: int, period: int, epoch: int) -> str | None:
+        """The seed string of an epoch's shuffle (None: arrival order)."""
+        return f"update:{seed}:{period}:{epoch}" if self.shuffle else None

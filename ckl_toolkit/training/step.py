@@ -1,0 +1,153 @@
+"""One weighted step of a target: the single step function ``ckl update`` and ``ckl eval`` share.
+
+    w    = token weights of the rows (frozen φ, uniform, oracle or RHO-1)     (b, T-1)
+    loss = the weigher's loss of the target's per-token NLL under w           scalar
+    skip the step if the loss is not finite on any rank, else backward + clip + optimizer step
+
+Under several ranks each rank takes rows ``rank::world`` of the global batch; every decision that
+must agree across ranks (skip or step) is taken on an all-reduced loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckl_toolkit.core.losses import target_mask, token_nll
+from ckl_toolkit.core.text import Encoded
+from ckl_toolkit.training.batching import Batch
+from ckl_toolkit.training.weighers import TextBatch, Weigher, row_text_batch
+
+logger = logging.getLogger(__name__)
+
+
+class DivergenceError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+class NonFiniteGuard:
+    """Skip steps whose loss is NaN or inf; abort after ``max_consecutive`` of them in a row.
+
+    Under data or model parallelism, check a loss that is already all-reduced: every rank must
+    take the same decision, or the ranks that step will wait forever for the ones that skip.
+    """
+
+    def __init__(self, max_consecutive: int = 3):
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive: must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.skipped = 0
+
+    def check(self, loss: Any, step: int | None = None) -> bool:
+        """True if the step may be applied; False if it must be skipped (the loss is not finite).
+
+        Raises:
+            DivergenceError: on the ``max_consecutive``-th non-finite loss in a row.
+        """
+        value = float(loss)
+        if math.isfinite(value):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.skipped += 1
+        if self.consecutive >= self.max_consecutive:
+            raise DivergenceError(
+                f"loss {value} at step {step}: {self.consecutive} non-finite losses in a row "
+                f"(max_consecutive={self.max_consecutive}); lower the learning rate or check the data"
+            )
+        logger.warning("step %s: loss %s, step skipped (%d in a row)", step, value, self.consecutive)
+        return False
+
+    def state_dict(self) -> dict:
+        return {
+            "max_consecutive": self.max_consecutive,
+            "consecutive": self.consecutive,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive = int(state["consecutive"])
+        self.skipped = int(state["skipped"])
+
+
+@dataclass
+class StepResult:
+    loss: float  # the batch's loss, mean over ranks
+    weights: torch.Tensor  # (b, T-1) this rank's token weights
+    mask: torch.Tensor  # (b, T-1) bool, this rank's real target tokens
+    applied: bool  # False: the loss was not finite and the step was skipped
+    grad_norm: float | None  # before clipping (None when skipped)
+
+    @property
+    def mean_weight(self) -> float:
+        return float(self.weights[self.mask].mean()) if self.mask.any() else math.nan
+
+
+def rank_rows(batch: Batch, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """This rank's rows ``rank::world`` of a global batch: (ids, mask, row indices).
+
+    A rank left without rows (a short last batch) trains on one fully masked row, so it still takes
+    part in the collectives of forward and backward, at weight 0.
+    """
+    index = list(range(rank, batch.input_ids.size(0), world))
+    if not index:
+        return batch.input_ids[:1], torch.zeros_like(batch.attention_mask[:1]), []
+    return batch.input_ids[index], batch.attention_mask[index], index
+
+
+def text_batch(
+    batch: Batch, rank: int, world: int, tokenizer, needs_text: bool, object_field: str
+) -> TextBatch:
+    """This rank's rows as a TextBatch; texts and objects are read only for weighers that need them."""
+    ids, mask, index = rank_rows(batch, rank, world)  # (b, T)
+    if not needs_text:
+        return TextBatch(Encoded(ids, mask, []), [])
+    tb = row_text_batch(tokenizer, ids, mask)
+    members = [batch.rows[i] for i in index] or [[]]
+    tb.objects = [[d.meta.get(object_field) for d in docs if d.meta.get(object_field)] for docs in members]
+    return tb
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module computes: a DeepSpeed engine or HF model says so; else its first parameter."""
+    device = getattr(module, "device", None)
+    return device if isinstance(device, torch.device) else next(module.parameters()).device
+
+
+def weighted_step(
+    engine,
+    batch: Batch,
+    weigher: Weigher,
+    tokenizer,
+    guard: NonFiniteGuard,
+    object_field: str = "object",
+    step: int | None = None,
+) -> StepResult:
+    """One optimizer step of ``engine`` on this rank's rows of ``batch``, tokens weighted by ``weigher``.
+
+    Args:
+        engine: the target's engine (``module``, ``rank``, ``world``, ``all_mean``, ``step``).
+        batch: the global batch (every rank holds all of it).
+        weigher: the token weights and their loss.
+        tokenizer: the target's tokenizer (decodes rows for weighers that read text).
+        guard: skips a non-finite step (and raises after too many in a row).
+        object_field: the documents' field naming the object (the oracle's).
+        step: the step number, for the guard's log line.
+    """
+    tb = text_batch(batch, engine.rank, engine.world, tokenizer, weigher.needs_text, object_field)
+    tb = tb.to(module_device(engine.module))
+    ids, mask = tb.enc.input_ids, tb.enc.attention_mask  # (b, T)
+    nll = token_nll(engine.module, ids, mask)  # (b, T-1) nats per target token
+    w = weigher.weights(tb, nll.detach()).to(nll.device)  # (b, T-1) token weights in [0, 1]
+    real = target_mask(mask)  # (b, T-1)
+    loss = weigher.loss(nll, w, real)
+    mean_loss = engine.all_mean(float(loss.detach()))  # sync point: every rank decides alike
+    if not guard.check(mean_loss, step):
+        return StepResult(mean_loss, w.detach(), real, False, None)
+    grad_norm = engine.step(loss)  # backward, clip, optimizer step (RecAdam: the pull to θ* included)
+    return StepResult(mean_loss, w.detach(), real, True, grad_norm)
