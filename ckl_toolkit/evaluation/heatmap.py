@@ -1,4 +1,4 @@
-"""``ckl weights``: show which tokens a Train-Attention model would weight, as in the paper's figure.
+"""Which tokens a Train-Attention model would weight, as in the paper's figure (``ckl weights``).
 
 Each token is painted white -> red by its weight in the terminal (24-bit ANSI backgrounds) or in a
 self-contained HTML page. The weight of token t is the TA model's output at position t (training uses
@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import html
 import math
-import sys
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-import click
-
 from ckl_toolkit.core.io import JsonlError, parse_json_object
-from ckl_toolkit.evaluation.report import write_text_shared
 
 TokenWeights = list[tuple[str, float]]
 
@@ -30,6 +26,10 @@ DARK_TEXT_ABOVE = 0.65  # intensity above which white text reads better than bla
 SCALES = ("raw", "minmax")
 TOP_K = 10
 RESET = "\x1b[0m"
+
+
+class InputError(ValueError):
+    """A document file or TA directory that cannot be shown; the message names the path (and line)."""
 
 
 # ----------------------------------------------------------------------------- weights
@@ -269,7 +269,7 @@ def render_html(
     )
 
 
-# ----------------------------------------------------------------------------- inputs and command
+# ----------------------------------------------------------------------------- inputs
 
 
 def read_documents(path: Path, limit: int) -> tuple[list[tuple[str, str]], bool]:
@@ -277,15 +277,15 @@ def read_documents(path: Path, limit: int) -> tuple[list[tuple[str, str]], bool]
     file as one plain-text document; also whether the limit left documents out.
 
     Raises:
-        click.ClickException: naming file and line of a bad row, or an empty file.
+        InputError: naming file and line of a bad row, or an unreadable or empty file.
     """
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise click.ClickException(f"{path}: cannot read: {e}") from None
+        raise InputError(f"{path}: cannot read: {e}") from None
     if path.suffix.lower() != ".jsonl":
         if not raw.strip():
-            raise click.ClickException(f"{path}: empty document")
+            raise InputError(f"{path}: empty document")
         return [(path.name, raw)], False
     docs: list[tuple[str, str]] = []
     for lineno, line in enumerate(raw.splitlines(), start=1):
@@ -296,14 +296,14 @@ def read_documents(path: Path, limit: int) -> tuple[list[tuple[str, str]], bool]
         try:
             row = parse_json_object(line)
         except JsonlError as e:
-            raise click.ClickException(f"{path}:{lineno}: {e}") from None
+            raise InputError(f"{path}:{lineno}: {e}") from None
         text = next((row[f] for f in ("text", "evidence") if isinstance(row.get(f), str)), None)
         if not text:
-            raise click.ClickException(f"{path}:{lineno}: no non-empty string field 'text' or 'evidence'")
+            raise InputError(f"{path}:{lineno}: no non-empty string field 'text' or 'evidence'")
         ident = row.get("id")
         docs.append((f"{path.name}:{lineno}" + (f" (id {ident})" if ident is not None else ""), text))
     if not docs:
-        raise click.ClickException(f"{path}: no documents")
+        raise InputError(f"{path}: no documents")
     return docs, False
 
 
@@ -311,109 +311,26 @@ def load_ta(ta_dir: Path, tokenizer_dir: Path | None):
     """The TA model and the tokenizer it reads with (saved inside the TA directory by default).
 
     Raises:
-        click.ClickException: not a TA directory, no tokenizer, or a tokenizer bigger than the model's
-            vocabulary (its ids would index past the embedding).
+        InputError: not a TA directory, or a tokenizer bigger than the model's vocabulary (its ids
+            would index past the embedding).
+        FileNotFoundError: no tokenizer files in ``tokenizer_dir`` (default: the TA directory).
     """
     from ckl_toolkit.core.ta_model import load_ta_model, load_ta_tokenizer
 
     try:
         ta = load_ta_model(ta_dir)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        raise click.ClickException(f"{ta_dir}: cannot load the Train-Attention model: {e}") from None
+        raise InputError(f"{ta_dir}: cannot load the Train-Attention model: {e}") from None
     source = tokenizer_dir or ta_dir
     if not (source / "tokenizer_config.json").is_file():
-        raise click.ClickException(
+        raise FileNotFoundError(
             f"{source}: no tokenizer files (tokenizer_config.json); the TA model was saved without its "
             "tokenizer: pass --tokenizer DIR"
         )
     tokenizer = load_ta_tokenizer(source)
     if len(tokenizer) > ta.config.vocab_size:
-        raise click.ClickException(
+        raise InputError(
             f"{source}: tokenizer has {len(tokenizer)} tokens, more than the TA model's vocabulary "
             f"({ta.config.vocab_size}); it is not the TA model's tokenizer"
         )
     return ta, tokenizer
-
-
-@click.command("weights")
-@click.option(
-    "--ta",
-    "ta_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Train-Attention model directory (ta_config.json + model.safetensors, e.g. from `ckl export`).",
-)
-@click.option("--text", default=None, help="One document given inline.")
-@click.option(
-    "--file",
-    "file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="A .jsonl (field 'text', or 'evidence' for LAMA-ckl rows) or a text file (one document).",
-)
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=10, show_default=True, help="Documents from --file."
-)
-@click.option(
-    "--html",
-    "html_out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write a self-contained HTML page (hover a token for its weight).",
-)
-@click.option(
-    "--color/--no-color",
-    default=None,
-    help="ANSI colours, or token[0.93] text. Default: colours on a terminal, text when piped.",
-)
-@click.option(
-    "--scale",
-    type=click.Choice(SCALES),
-    default="raw",
-    show_default=True,
-    help="Colour by the raw weight, or stretch each document's min..max to white..red.",
-)
-@click.option(
-    "--max-length", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per document."
-)
-@click.option(
-    "--tokenizer",
-    "tokenizer_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Tokenizer directory, if the TA directory has none.",
-)
-def weights_command(
-    ta_dir: Path,
-    text: str | None,
-    file: Path | None,
-    limit: int,
-    html_out: Path | None,
-    color: bool | None,
-    scale: str,
-    max_length: int,
-    tokenizer_dir: Path | None,
-) -> None:
-    """Show a Train-Attention model's token weights as a heatmap (terminal, and --html OUT.html)."""
-    if (text is None) == (file is None):
-        raise click.UsageError("give exactly one of --text or --file")
-    if text is not None and not text.strip():
-        raise click.UsageError("--text is empty")
-    docs, more = ([("", text)], False) if text is not None else read_documents(file, limit)
-    ta, tokenizer = load_ta(ta_dir, tokenizer_dir)
-    titles = [title or None for title, _ in docs]
-    weights = token_weights(ta, tokenizer, [body for _, body in docs], max_length)
-    if color is None:
-        color = bool(getattr(sys.stdout, "isatty", lambda: False)())
-    # color=True: click would strip the codes when piped, leaving text without its weights.
-    click.echo(render_ansi(weights, titles, color=color, scale=scale), nl=False, color=color)
-    for title, body in docs:
-        if len(tokenizer(body)["input_ids"]) > max_length:
-            click.echo(f"note: {title or 'the text'} truncated to {max_length} tokens (--max-length)")
-    if more:
-        click.echo(f"note: showing the first {limit} documents of {file} (--limit)")
-    if html_out is not None:
-        write_text_shared(
-            html_out, render_html(weights, titles, scale=scale, heading=f"Train-Attention weights: {ta_dir}")
-        )
-        click.echo(f"wrote {html_out}")

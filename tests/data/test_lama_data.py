@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from ckl_toolkit.cli import main
 from ckl_toolkit.core.config import ConfigError
-from ckl_toolkit.data.lama_ckl import lama_data_command, prepare_lama_ckl
+from ckl_toolkit.data.lama_ckl import prepare_lama_ckl
 
 N_VARIANT = 60
 OBJECTS = ["jazz", "jazz", "jazz", "opera", "BBC", "Brazil", "physics", "piano", "bishop", "FIFA"]
@@ -222,11 +223,11 @@ def test_bad_options_and_existing_output(release, tmp_path):
 
 def test_cli_writes_the_split_and_exits_2_on_bad_input(release, tmp_path):
     runner = CliRunner()
-    args = ["--path", str(release), "--eval-facts", "20", "--val-facts", "3"]
-    ok = runner.invoke(lama_data_command, args + ["--out", str(tmp_path / "out"), "--split", "grouped"])
+    args = ["data", "lama-ckl", "--path", str(release), "--eval-facts", "20", "--val-facts", "3"]
+    ok = runner.invoke(main, args + ["--out", str(tmp_path / "out"), "--split", "grouped"])
     assert ok.exit_code == 0, ok.output
     assert "'evaluated': 20" in ok.output and "nothing dropped" in ok.output
     _drop_field(release / "variant.jsonl", 9, "evidence")
-    bad = runner.invoke(lama_data_command, args + ["--out", str(tmp_path / "out2")])
+    bad = runner.invoke(main, args + ["--out", str(tmp_path / "out2")])
     assert bad.exit_code == 2
     assert "variant.jsonl:9: missing field 'evidence'" in bad.output

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ckl_toolkit.cli import main
 from ckl_toolkit.core.ta_model import build_ta_model, load_ta_model, load_ta_tokenizer, save_ta_model
 from ckl_toolkit.evaluation.heatmap import (
     blend,
@@ -20,13 +21,17 @@ from ckl_toolkit.evaluation.heatmap import (
     render_html,
     token_weights,
     top_tokens,
-    weights_command,
 )
 
 TEXT = "Ada Lovelace was born in London ."
 HOT = TEXT.index("London") - 1  # the character where " London"'s first token starts (with its space)
 TRICKY = 'a <b> & "c"'
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def weights(*args: str):
+    """``ckl weights ARGS`` through click's test runner."""
+    return CliRunner().invoke(main, ["weights", *args])
 
 
 def _hot_position(tokenizer) -> int:
@@ -157,7 +162,7 @@ def test_minmax_scale_stretches_targets():
 def test_cli_text_and_html(ta_dir, tmp_path):
     out = tmp_path / "w.html"
     args = ["--ta", str(ta_dir), "--text", TEXT]
-    result = CliRunner().invoke(weights_command, [*args, "--color", "--html", str(out)])
+    result = weights(*args, "--color", "--html", str(out))
     assert result.exit_code == 0, result.output
     assert "mean weight" in result.output and "top-10:" in result.output and f"wrote {out}" in result.output
     assert "\x1b[48;2;" in result.output
@@ -166,7 +171,7 @@ def test_cli_text_and_html(ta_dir, tmp_path):
         out.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
     )  # readable unless umask forbids
     for flags in (["--no-color"], []):  # piped output (not a terminal) defaults to text
-        plain = CliRunner().invoke(weights_command, [*args, *flags])
+        plain = weights(*args, *flags)
         assert plain.exit_code == 0 and "\x1b" not in plain.output and "<bos>[--]Ada[" in plain.output
 
 
@@ -176,8 +181,7 @@ def test_cli_files(ta_dir, tmp_path):
         json.dumps({"text": TEXT}) + "\n\n" + json.dumps({"evidence": TRICKY, "object": "c"}) + "\n"
         + json.dumps({"text": "Paris"}) + "\n"
     )  # fmt: skip
-    run = CliRunner().invoke
-    result = run(weights_command, ["--ta", str(ta_dir), "--file", str(rows), "--no-color", "--limit", "2"])
+    result = weights("--ta", str(ta_dir), "--file", str(rows), "--no-color", "--limit", "2")
     assert result.exit_code == 0, result.output
     assert "Document 1: docs.jsonl:1" in result.output and "Document 2: docs.jsonl:3" in result.output
     assert "Document 3" not in result.output and "showing the first 2 documents" in result.output
@@ -185,22 +189,21 @@ def test_cli_files(ta_dir, tmp_path):
 
     txt = tmp_path / "doc.txt"
     txt.write_text("Grace Hopper lives in New York .\n")
-    result = run(weights_command, ["--ta", str(ta_dir), "--file", str(txt), "--no-color"])
+    result = weights("--ta", str(ta_dir), "--file", str(txt), "--no-color")
     assert result.exit_code == 0 and "Document 1: doc.txt" in result.output
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"title": "no text"}) + "\n")
-    result = run(weights_command, ["--ta", str(ta_dir), "--file", str(bad)])
+    result = weights("--ta", str(ta_dir), "--file", str(bad))
     assert (
         result.exit_code == 1 and f"{bad}:2: no non-empty string field 'text' or 'evidence'" in result.output
     )
 
 
 def test_cli_usage_errors(ta_dir, tmp_path, tiny_lm_dir):
-    run = CliRunner().invoke
-    assert run(weights_command, ["--ta", str(ta_dir)]).exit_code == 2
+    assert weights("--ta", str(ta_dir)).exit_code == 2
     txt = tmp_path / "a.txt"
     txt.write_text("x")
-    assert run(weights_command, ["--ta", str(ta_dir), "--text", "x", "--file", str(txt)]).exit_code == 2
-    not_ta = run(weights_command, ["--ta", str(tiny_lm_dir), "--text", "x"])
+    assert weights("--ta", str(ta_dir), "--text", "x", "--file", str(txt)).exit_code == 2
+    not_ta = weights("--ta", str(tiny_lm_dir), "--text", "x")
     assert not_ta.exit_code == 1 and "ta_config.json" in not_ta.output

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
 
-from ckl_toolkit.evaluation.report import load_results, report_command, write_report
+from ckl_toolkit.cli import main
+from ckl_toolkit.evaluation.report import ResultsError, load_results, write_report
 
 EPOCHS = 6
 
@@ -295,9 +295,9 @@ def test_temporalwiki_plots(tmp_path):
 )
 def test_malformed_results_name_the_file(tmp_path, content, message):
     run = make_run(tmp_path, content)
-    with pytest.raises(click.ClickException) as e:
+    with pytest.raises(ResultsError) as e:
         write_report(run)
-    assert str(run / "results.json") in e.value.message and message in e.value.message
+    assert str(run / "results.json") in str(e.value) and message in str(e.value)
 
 
 def test_missing_field_names_the_json_path(tmp_path):
@@ -305,34 +305,32 @@ def test_missing_field_names_the_json_path(tmp_path):
     del results["methods"]["taalm"]["top_acc"]
     results["methods"]["rho1"]["curve"]["to_learn"][2] = "high"
     run = make_run(tmp_path, results)
-    with pytest.raises(click.ClickException, match=r"methods\.taalm: missing field 'top_acc'"):
+    with pytest.raises(ResultsError, match=r"methods\.taalm: missing field 'top_acc'"):
         load_results(run)
     del results["methods"]["taalm"]
     run = make_run(tmp_path, results)
-    with pytest.raises(
-        click.ClickException, match=r"methods\.rho1\.curve\.to_learn: expected a list of numbers"
-    ):
+    with pytest.raises(ResultsError, match=r"methods\.rho1\.curve\.to_learn: expected a list of numbers"):
         load_results(run)
     tw = tw_results()
     tw["methods"]["taalm"]["after"][1]["probes"]["0901-1001/changed"].pop("nll")
     run = make_run(tmp_path, tw)
-    with pytest.raises(
-        click.ClickException, match=r"after\[1\]\.probes\.0901-1001/changed: missing field 'nll'"
-    ):
+    with pytest.raises(ResultsError, match=r"after\[1\]\.probes\.0901-1001/changed: missing field 'nll'"):
         load_results(run)
 
 
 def test_cli_end_to_end(tmp_path):
     run = make_run(tmp_path, lama_results())
     out = tmp_path / "report"
-    result = CliRunner().invoke(report_command, [str(run), "--out", str(out), "--metric", "acc"])
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(out), "--metric", "acc"])
     assert result.exit_code == 0, result.output
     assert result.output.split() == [str(out / n) for n in ("report.md", "curves.png", "curves_equal_nf.png")]
     assert not (run / "report.md").exists()
 
-    missing = CliRunner().invoke(report_command, [str(tmp_path / "nowhere")])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_results(tmp_path / "nowhere")
+    missing = CliRunner().invoke(main, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1
     assert str(tmp_path / "nowhere" / "results.json") in missing.output and "not found" in missing.output
 
-    bad = CliRunner().invoke(report_command, [str(run), "--metric", "f1"])
+    bad = CliRunner().invoke(main, ["report", str(run), "--metric", "f1"])
     assert bad.exit_code == 2
