@@ -1,4 +1,4 @@
-"""Meta-training across ranks with DeepSpeed (DESIGN §3).
+"""Meta-training across ranks with DeepSpeed (ARCHITECTURE.md §3).
 
 Who holds what, per rank:
 
@@ -46,7 +46,7 @@ ZERO_TESTED_OPTIMIZERS = ("adamw", "adam")
 
 @dataclass
 class DistributedSpec:
-    """How meta-training is spread over ranks (DESIGN §3)."""
+    """How meta-training is spread over ranks (ARCHITECTURE.md §3)."""
 
     ds_config: str | None = fld(
         None,
@@ -316,7 +316,7 @@ def init_distributed(ds_config: dict | None, backend: str = "auto") -> DistConte
     import deepspeed
     import torch._dynamo  # noqa: F401  (zero.Init touches torch._dynamo; import it before)
 
-    # DESIGN §9: without this, init_distributed JIT-builds a shared-memory op (~60 s) on CPU.
+    # ARCHITECTURE.md §9: without this, init_distributed JIT-builds a shared-memory op (~60 s) on CPU.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if backend == "auto":
         backend = "nccl" if _accelerator() == "cuda" else "gloo"

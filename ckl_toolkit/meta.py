@@ -2,9 +2,9 @@
 
 Also a script: ``python ckl_toolkit/meta.py --recipe R``, and on several ranks
 ``deepspeed ckl_toolkit/meta.py --recipe R`` or ``torchrun --nproc_per_node N ckl_toolkit/meta.py --recipe R``
-with ``distributed.ds_config`` set (DESIGN §3: φ is a ZeRO engine, each rank runs its own episodes).
+with ``distributed.ds_config`` set (ARCHITECTURE.md §3: φ is a ZeRO engine, each rank runs its own episodes).
 
-The loop, per TA step (DESIGN §2, the paper's Algorithm 1 with an exact meta-gradient):
+The loop, per TA step (ARCHITECTURE.md §2, the paper's Algorithm 1 with an exact meta-gradient):
 
     w      = φ(D)                             token weights of the documents, (B, T-1)
     θ'     = θ - a·∇θ TWL(θ; D, w)            one weighted inner step of the base (then undone)
@@ -185,7 +185,7 @@ def validate(ta: TrainAttentionModel, base_spec, val_rows: list[dict], recipe: M
 
 
 def build_optimizer(params, optim) -> torch.optim.Optimizer:
-    """φ's optimizer: a client torch optimizer, also under DeepSpeed (DESIGN §9)."""
+    """φ's optimizer: a client torch optimizer, also under DeepSpeed (ARCHITECTURE.md §9)."""
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, weight_decay=optim.weight_decay)
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
@@ -256,7 +256,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
 
     Without ``distributed.ds_config`` this is one plain torch process. With it, every rank of the
     launch (or a single process) runs this same loop: φ is a DeepSpeed ZeRO engine and each rank
-    takes its own slice of the step's episodes (DESIGN §3).
+    takes its own slice of the step's episodes (ARCHITECTURE.md §3).
     """
     ds_config = check_recipe(recipe)  # bad combinations fail here, before any work
     if recipe.threads:

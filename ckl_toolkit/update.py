@@ -10,7 +10,7 @@
 
 Runs as one process, or as a DeepSpeed engine under ``deepspeed ckl_toolkit/update.py --recipe R``
 or ``torchrun --nproc_per_node N ckl_toolkit/update.py --recipe R`` (engine.backend=deepspeed).
-Exit codes: ``nightly.ExitCode``. DESIGN §8 is the contract this loop keeps.
+Exit codes: ``nightly.ExitCode``. ARCHITECTURE.md §8 is the contract this loop keeps.
 """
 
 from __future__ import annotations

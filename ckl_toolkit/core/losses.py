@@ -1,4 +1,4 @@
-"""Per-token losses and the token-weighted loss (DESIGN §2, §4).
+"""Per-token losses and the token-weighted loss (ARCHITECTURE.md §2, §4).
 
 Conventions used across the package:
 - A batch holds ``input_ids`` and ``attention_mask`` of shape (B, T).

@@ -1,4 +1,4 @@
-"""The Train-Attention (TA) model φ: a causal-LM trunk with a hidden->1 sigmoid head (DESIGN §4).
+"""The Train-Attention (TA) model φ: a causal-LM trunk with a hidden->1 sigmoid head (ARCHITECTURE.md §4).
 
 Saved as a directory:
   model.safetensors   trunk.* and head.* tensors

@@ -9,7 +9,7 @@ same side. The source files are read from the given path and never copied into t
 Files written into the output directory (one atomic rename for the whole directory):
   to_learn.jsonl       the evaluated TO-LEARN facts, rows as in ``variant.jsonl``
   meta_train.jsonl,    ``{"text", "task", "object", "subject", "relation", "uuid", "probe"}`` pairs
-  meta_val.jsonl       (DESIGN §5) from the variant facts that are not evaluated
+  meta_val.jsonl       (ARCHITECTURE.md §5) from the variant facts that are not evaluated
   nf_candidates.jsonl  the unique invariant facts of both invariant files (deduplicated by uuid);
                        NOT-TO-FORGET is re-selected from them per model (``evaluation.not_to_forget``)
   rehearsal.jsonl      ``{"id", "text", "uuid"}``: invariant evidence for mix-review; the evaluator
@@ -238,7 +238,7 @@ def split_variant(
 
 
 def meta_pairs(facts: list[Fact], meta_probe: str) -> list[dict]:
-    """TA meta-training pairs: the evidence as the document, a probe as the task (DESIGN §5)."""
+    """TA meta-training pairs: the evidence as the document, a probe as the task (ARCHITECTURE.md §5)."""
     probes = ("descriptive", "schematic") if meta_probe == "both" else (meta_probe,)
     pairs = []
     for fact in facts:

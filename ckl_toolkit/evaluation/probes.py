@@ -1,4 +1,4 @@
-"""Probe scoring (DESIGN §6): teacher-force the probe, argmax at each object token.
+"""Probe scoring (ARCHITECTURE.md §6): teacher-force the probe, argmax at each object token.
 
 A fact's token accuracy is the fraction of its object tokens (last occurrence in the probe) that the
 model predicts exactly; exact match (EM) is 1 when all of them are right. The same pass also sums

@@ -18,7 +18,7 @@ class TASpec:
 
 @dataclass
 class MetaDataSpec:
-    train: str = fld("", "JSONL of meta-training pairs {text, task, object} (DESIGN §5).")
+    train: str = fld("", "JSONL of meta-training pairs {text, task, object} (ARCHITECTURE.md §5).")
     val: str | None = fld(None, "JSONL of held-out pairs for validation (null: no validation).")
     max_length: int = fld(256, "Documents are truncated to this many tokens.")
     task_max_length: int = fld(64, "Tasks (probes) are truncated to this many tokens.")
@@ -82,7 +82,7 @@ class MetaRecipe:
         check_choices(self)
         require(self.steps >= 1, "steps", "must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        if self.distributed.partition_base:  # DESIGN §3: the inner step runs on a per-rank LoRA set
+        if self.distributed.partition_base:  # ARCHITECTURE.md §3: the inner step runs on a per-rank LoRA set
             require(
                 self.base.lora is not None,
                 "base.lora",

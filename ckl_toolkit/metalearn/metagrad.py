@@ -1,4 +1,4 @@
-"""The exact meta-gradient of one inner step, without second-order autograd (DESIGN §2).
+"""The exact meta-gradient of one inner step, without second-order autograd (ARCHITECTURE.md §2).
 
 φ reaches θ' only through the token weights w, and θ' is an explicit function of w, so one
 meta-step reads like the paper's algorithm with the double backward replaced by one
@@ -74,7 +74,7 @@ class InnerStepConfig:
 
 @dataclass
 class MetaGradConfig:
-    """How the exact meta-gradient dL/dw is computed (DESIGN §2)."""
+    """How the exact meta-gradient dL/dw is computed (ARCHITECTURE.md §2)."""
 
     inner: InnerStepConfig = field(default_factory=InnerStepConfig)
     method: str = fld(
@@ -286,7 +286,7 @@ def _jvp_losses(base: nn.Module, named: dict, doc: tuple, z: list) -> torch.Tens
 def dl_dw_from_directional(
     d: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, normalize: bool, n_docs: int
 ) -> torch.Tensor:
-    """dL_T/dw from d_i = g_i · z (DESIGN §2).
+    """dL_T/dw from d_i = g_i · z (ARCHITECTURE.md §2).
 
     With L_in = (1/B) Σ_b Σ_i w_bi ℓ_bi / S_b, S_b = Σ_i w_bi + 1e-6, we have
     ∂g/∂w_bi = (g_bi − ḡ_b)/(B·S_b) and θ' = θ − u(g), so dL_T/dw_bi = −(d_bi − Σ_j w_bj d_bj / S_b)/(B·S_b).

@@ -1,4 +1,4 @@
-"""How the update steps its target: one process, or a DeepSpeed ZeRO engine (DESIGN §3, §9).
+"""How the update steps its target: one process, or a DeepSpeed ZeRO engine (ARCHITECTURE.md §3, §9).
 
 Both engines have the same small surface, so the loop in ``update.py`` reads the same either way:
 ``forward`` module, ``step(loss)``, ``save(dir)`` / ``load(dir)``, ``all_mean``, ``barrier``,

@@ -3,7 +3,7 @@
 Epoch e trains on the new items plus ``round(mix_ratio · mix_decay**e · |new|)`` items drawn from a
 rehearsal pool (the CKL reference code: mix_ratio 4, mix_decay 0.7). The pool must be data the model
 saw before and that is NOT evaluated: the released LAMA-ckl baseline rehearsed the NOT-TO-FORGET
-evidence itself, which trains on the test and flatters NF accuracy (DESIGN §7).
+evidence itself, which trains on the test and flatters NF accuracy (ARCHITECTURE.md §7).
 ``check_pool_disjoint`` guards against that.
 """
 

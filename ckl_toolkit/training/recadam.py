@@ -9,7 +9,7 @@ plain, un-normalised step::
 
 Early (t ≪ t0) the pull dominates and θ stays near θ*; late (t ≫ t0) it is AdamW. Every parameter
 the optimizer steps gets the penalty (the released TAALM baseline put every LoRA matrix in a group
-with anneal weight 0, so it ran plain Adam — DESIGN §7). Set ``gamma=0`` in a param group to exempt
+with anneal weight 0, so it ran plain Adam — ARCHITECTURE.md §7). Set ``gamma=0`` in a param group to exempt
 it on purpose.
 
 Where θ* lives. The anchor of a tensor is a copy of that tensor taken the first time the optimizer

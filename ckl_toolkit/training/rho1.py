@@ -3,7 +3,7 @@
 Train only on the tokens the model has most left to learn: rank every non-padding target token of
 the batch by its excess loss ℓ_θ − ℓ_ref (ℓ_ref from the reference model, here the model before the
 update) and keep the top ``keep_ratio`` of them. Two defects of the released TAALM baseline are
-avoided (DESIGN §7): it used ``argsort`` indices as if they were ranks, which scrambles the kept set,
+avoided (ARCHITECTURE.md §7): it used ``argsort`` indices as if they were ranks, which scrambles the kept set,
 and it kept the largest probability gain, i.e. the opposite sign of excess loss.
 
 Per-token tensors are (B, T-1) over target tokens, as in ``ckl_toolkit.core.losses``.

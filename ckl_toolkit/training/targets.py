@@ -1,4 +1,4 @@
-"""The trained target of an update: full fine-tuning, LoRA / QLoRA (peft), or K-Adapter (DESIGN §4).
+"""The trained target of an update: full fine-tuning, LoRA / QLoRA (peft), or K-Adapter (ARCHITECTURE.md §4).
 
 A nightly run continues from the served version, not from the original model:
 

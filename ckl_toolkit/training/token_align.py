@@ -1,4 +1,4 @@
-"""Token weights across tokenizers: map a TA model's weights onto the target's tokens (DESIGN §4).
+"""Token weights across tokenizers: map a TA model's weights onto the target's tokens (ARCHITECTURE.md §4).
 
 When φ and the target share a tokenizer, φ runs on the target's token ids (identity). Otherwise both
 tokenise the same text and a target token takes the max (or mean) weight of the φ tokens whose

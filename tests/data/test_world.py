@@ -6,11 +6,9 @@ import re
 from dataclasses import replace
 
 import pytest
-import torch
 
 from ckl_toolkit.core.io import read_jsonl
 from ckl_toolkit.data.world import RELATIONS, WorldConfig, build_world, write_world
-from ckl_toolkit.evaluation.not_to_forget import select_known
 
 LAMA_CKL_FIELDS = {
     "uuid", "subject", "relation_code", "relation_label", "object", "evidence",
@@ -145,27 +143,3 @@ def test_presets_are_valid_and_quick_is_smaller():
     q, d = WorldConfig.quick(seed=4), WorldConfig.default(seed=4)
     assert q.seed == d.seed == 4 and q.n_entities < d.n_entities and q.to_learn < d.to_learn
     assert replace(d, seed=0) == WorldConfig()
-
-
-class _Oracle(torch.nn.Module):
-    """Predicts every next token perfectly (or, with ``wrong``, never)."""
-
-    def __init__(self, vocab: int, wrong: bool = False):
-        super().__init__()
-        self.vocab, self.wrong = vocab, wrong
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, attention_mask):
-        nxt = torch.roll(input_ids, -1, dims=1) + (1 if self.wrong else 0)
-        logits = torch.nn.functional.one_hot(nxt % self.vocab, self.vocab).float()
-        return type("Out", (), {"logits": logits})
-
-
-def test_select_known_keeps_exact_matches_in_order(world):
-    from ckl_toolkit.data.tokenizer import train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer([r["text"] for r in world.pretrain], 300)
-    rows = world.nf_candidates
-    assert select_known(_Oracle(len(tok)), tok, rows) == rows
-    assert select_known(_Oracle(len(tok)), tok, rows, limit=3) == rows[:3]
-    assert select_known(_Oracle(len(tok), wrong=True), tok, rows) == []

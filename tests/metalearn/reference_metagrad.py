@@ -1,4 +1,4 @@
-"""The second-order reference for the meta-gradient: what the paper's code does (DESIGN §2).
+"""The second-order reference for the meta-gradient: what the paper's code does (ARCHITECTURE.md §2).
 
 Differentiates the outer loss through the inner step with ``create_graph=True`` over
 ``functional_call`` (double backward; eager attention). It shares only the loss definitions with

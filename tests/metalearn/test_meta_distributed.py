@@ -1,4 +1,4 @@
-"""Meta-training on 2 gloo ranks with real DeepSpeed ZeRO-3, against one plain process (DESIGN §3).
+"""Meta-training on 2 gloo ranks with real DeepSpeed ZeRO-3, against one plain process (ARCHITECTURE.md §3).
 
 The 2-rank runs are subprocesses of ``python -m torch.distributed.run --standalone --nproc_per_node 2``
 (about 15-25 s each on 2 cores; there are four, plus one single-rank run that must refuse to

@@ -1,4 +1,4 @@
-"""The nightly contract's primitives: lock across processes, atomic versions, retention, guard."""
+"""The nightly contract's primitives: lock across processes, atomic versions, retention, exit codes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ckl_toolkit.nightly.contract import (
     ExitCode,
@@ -24,7 +23,7 @@ from ckl_toolkit.nightly.contract import (
     set_current,
 )
 from ckl_toolkit.nightly.sources import StreamError
-from ckl_toolkit.training.step import DivergenceError, NonFiniteGuard
+from ckl_toolkit.training.step import DivergenceError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -192,26 +191,3 @@ def test_current_json_is_the_pointer_without_symlinks(tmp_path, monkeypatch):
     assert not (tmp_path / "current").exists()
     assert current_version(tmp_path) == tmp_path / "versions" / "v000002"
     assert names(list_versions(tmp_path)) == ["v000002"]
-
-
-# ---------------------------------------------------------------------------------------------
-# guard
-
-
-def test_guard_skips_non_finite_steps_then_aborts_after_k_in_a_row():
-    guard = NonFiniteGuard(max_consecutive=3)
-    assert guard.check(torch.tensor(2.5)) is True
-    assert guard.check(float("nan")) is False
-    assert guard.check(torch.tensor(float("inf"))) is False
-    assert guard.check(1.0) is True  # a finite loss resets the run
-    assert guard.check(float("nan"), step=7) is False
-    assert guard.check(float("-inf"), step=8) is False
-    state = json.loads(json.dumps(guard.state_dict()))  # checkpointed mid-run...
-    resumed = NonFiniteGuard(max_consecutive=3)
-    resumed.load_state_dict(state)  # ...and resumed: the count carries over
-    with pytest.raises(DivergenceError, match="3 non-finite losses in a row") as err:
-        resumed.check(float("nan"), step=9)
-    assert exit_code_for(err.value) == ExitCode.DIVERGED
-    assert resumed.skipped == 5
-    with pytest.raises(ValueError, match="max_consecutive"):
-        NonFiniteGuard(max_consecutive=0)

@@ -1,4 +1,4 @@
-"""A 2-rank ZeRO-3 LoRA update on gloo (DESIGN §3, §9): the exported adapter is real and loads."""
+"""A 2-rank ZeRO-3 LoRA update on gloo (ARCHITECTURE.md §3, §9): the exported adapter is real and loads."""
 
 from __future__ import annotations
 

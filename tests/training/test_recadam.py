@@ -180,7 +180,7 @@ def _zero3_worker(ckpt_dir: str) -> None:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~60 s JIT build (DESIGN §9)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~60 s JIT build (§9)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     config = {"train_micro_batch_size_per_gpu": 16 // world, "zero_optimization": {"stage": 3}}

@@ -1,0 +1,84 @@
+"""The one weighted step both jobs run: weights, loss, the non-finite guard, rows per rank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ckl_toolkit.core.documents import Document
+from ckl_toolkit.nightly.contract import ExitCode, exit_code_for
+from ckl_toolkit.training.batching import batches
+from ckl_toolkit.training.learner import build_learner
+from ckl_toolkit.training.sections import OptimSpec, TargetSpec, WeightSpec
+from ckl_toolkit.training.step import DivergenceError, NonFiniteGuard, rank_rows, weighted_step
+
+
+def test_guard_skips_non_finite_steps_then_aborts_after_k_in_a_row():
+    guard = NonFiniteGuard(max_consecutive=3)
+    assert guard.check(torch.tensor(2.5)) is True
+    assert guard.check(float("nan")) is False
+    assert guard.check(torch.tensor(float("inf"))) is False
+    assert guard.check(1.0) is True  # a finite loss resets the run
+    assert guard.check(float("nan"), step=7) is False
+    assert guard.check(float("-inf"), step=8) is False
+    state = json.loads(json.dumps(guard.state_dict()))  # checkpointed mid-run...
+    resumed = NonFiniteGuard(max_consecutive=3)
+    resumed.load_state_dict(state)  # ...and resumed: the count carries over
+    with pytest.raises(DivergenceError, match="3 non-finite losses in a row") as err:
+        resumed.check(float("nan"), step=9)
+    assert exit_code_for(err.value) == ExitCode.DIVERGED
+    assert resumed.skipped == 5
+    with pytest.raises(ValueError, match="max_consecutive"):
+        NonFiniteGuard(max_consecutive=0)
+
+
+def _batch(tokenizer, n: int = 3):
+    meta = {"object": "Babbage Engines"}
+    docs = [
+        Document(f"d{i}", f"Ada Lovelace works for Babbage Engines . {i}", "s", i + 1, meta) for i in range(n)
+    ]
+    return next(batches(docs, tokenizer, 32, n))
+
+
+def test_a_step_moves_the_trained_weights_and_reports_its_loss(tiny_lm_dir):
+    target, weights = TargetSpec(path=str(tiny_lm_dir)), WeightSpec(method="oracle")
+    learner = build_learner(target, weights, OptimSpec(lr=1e-2), None, 0, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in learner.target.trainable().items()}
+    result = weighted_step(
+        learner.engine, _batch(learner.tokenizer), learner.weigher, learner.tokenizer, NonFiniteGuard()
+    )
+    assert result.applied and result.loss > 0 and result.grad_norm > 0
+    w = result.weights[result.mask]
+    assert set(w.unique().tolist()) == {0.0, 1.0}  # the oracle: 1 on the object's tokens only
+    after = learner.target.trainable()
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights(tiny_lm_dir):
+    learner = build_learner(
+        TargetSpec(path=str(tiny_lm_dir)), WeightSpec(), OptimSpec(lr=1e-2), None, 0, torch.device("cpu")
+    )
+    with torch.no_grad():
+        next(iter(learner.target.trainable().values())).fill_(float("nan"))  # the embedding: NaN logits
+    before = {n: p.detach().clone() for n, p in learner.target.trainable().items()}
+    guard = NonFiniteGuard(max_consecutive=2)
+    result = weighted_step(
+        learner.engine, _batch(learner.tokenizer), learner.weigher, learner.tokenizer, guard
+    )
+    assert not result.applied and result.grad_norm is None and guard.skipped == 1
+    after = learner.target.trainable()
+    assert all(torch.equal(before[n], after[n]) or torch.isnan(before[n]).all() for n in before)
+    with pytest.raises(DivergenceError):
+        weighted_step(learner.engine, _batch(learner.tokenizer), learner.weigher, learner.tokenizer, guard)
+
+
+def test_each_rank_takes_every_world_th_row_and_an_empty_rank_a_masked_row(tiny_lm_dir):
+    from transformers import AutoTokenizer
+
+    batch = _batch(AutoTokenizer.from_pretrained(tiny_lm_dir), n=3)
+    ids, mask, index = rank_rows(batch, 1, 2)
+    assert index == [1] and torch.equal(ids, batch.input_ids[[1]])
+    ids, mask, index = rank_rows(batch, 3, 4)
+    assert index == [] and ids.shape[0] == 1 and mask.sum() == 0  # takes part in collectives at weight 0
