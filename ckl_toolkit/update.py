@@ -38,7 +38,8 @@ from ckl_toolkit.core.config import ConfigError, load_recipe, to_yaml
 from ckl_toolkit.core.io import MetricsLogger, write_json_atomic, write_text_atomic
 from ckl_toolkit.core.losses import target_mask, token_nll, weighted_loss
 from ckl_toolkit.core.text import Encoded
-from ckl_toolkit.distributed import (
+from ckl_toolkit.distributed.ds_config import model_hidden_size
+from ckl_toolkit.distributed.process import (
     DistContext,
     broadcast_object,
     init_distributed,
@@ -69,7 +70,7 @@ from ckl_toolkit.nightly.run import (
     versions_info,
 )  # fmt: skip
 from ckl_toolkit.nightly.streams import DocumentLedger, StreamStats, batches
-from ckl_toolkit.training.engine import DeepSpeedEngine, PlainEngine, resolve_update_ds_config
+from ckl_toolkit.training.engine import Engine, build_engine, update_ds_config
 from ckl_toolkit.training.recadam import RecAdam
 from ckl_toolkit.training.rho1 import rho1_loss
 from ckl_toolkit.training.targets import build_target, check_target_runtime, check_version_kind
@@ -116,23 +117,32 @@ def make_optimizer(recipe: UpdateRecipe, params: list[torch.nn.Parameter]) -> to
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def make_engine(recipe: UpdateRecipe, target, optimizer, ctx: DistContext):
-    if ctx.deepspeed:
-        return DeepSpeedEngine(target, optimizer, ctx)
-    return PlainEngine(target, optimizer, recipe.optim.grad_clip)
+def make_engine(recipe: UpdateRecipe, target, optimizer, ctx: DistContext) -> Engine:
+    return build_engine(target.model, target.trainable(), optimizer, recipe.optim.grad_clip, ctx)
 
 
-def join_ranks(recipe: UpdateRecipe) -> DistContext:
-    """This process's place: rank 0 of 1 (backend=single), or a rank of the DeepSpeed group."""
-    world = launched_world_size()
+def check_recipe(recipe: UpdateRecipe, world: int | None = None) -> dict | None:
+    """The checks that need no process group (before spawning ranks); the effective DeepSpeed config.
+
+    ``world`` defaults to what the launcher announced; None is returned for backend=single.
+    """
+    world = launched_world_size() if world is None else world
     if recipe.engine.backend == "single":
         if world > 1:
             raise ConfigError(
                 f"engine.backend: {world} ranks were launched but backend=single; set "
                 "engine.backend=deepspeed engine.ds_config=zero3 (or run one process)"
             )
-        return DistContext()
-    return init_distributed(resolve_update_ds_config(recipe, world))
+        return None
+    hidden = model_hidden_size(recipe.target.path, "target.path", default=1024)
+    o = recipe.optim
+    return update_ds_config(recipe.engine.ds_config, world, recipe.data.batch_size, o.grad_clip,
+                            recipe.target.dtype, o.name, hidden)  # fmt: skip
+
+
+def join_ranks(recipe: UpdateRecipe) -> DistContext:
+    """This process's place: rank 0 of 1 (backend=single), or a rank of the DeepSpeed group."""
+    return init_distributed(check_recipe(recipe))
 
 
 def take_lock(out: Path, ctx: DistContext) -> RunLock | None:
