@@ -1,4 +1,9 @@
-"""Time one meta-step and its peak extra memory: the exact meta-gradient vs the second-order reference.
+"""Time the meta-gradient and its peak extra memory, exact vs second-order reference; and a whole meta-step.
+
+Most configurations time dL/dw alone, the part of a meta-step where the methods differ (the
+reference differentiates through the inner step with create_graph). ``meta_step_*`` times one
+whole meta-step as ``meta.py`` takes it (``metalearn.step.meta_step``: φ's forward, dL/dw, the
+surrogate's backward and φ's optimizer step), with φ a TA model of the base's size.
 
 Memory: one fresh subprocess per configuration (so allocator state and peaks do not leak between
 them), measuring the process's resident set. After building the base and the batch and a tiny
@@ -34,11 +39,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.reference_metagrad and an uninstalled ckl_toolkit
-
-from tests.reference_metagrad import reference_meta_gradient  # noqa: E402
+sys.path.insert(0, str(ROOT))  # for tests.metalearn.reference_metagrad and an uninstalled ckl_toolkit
 
 from ckl_toolkit.metalearn.metagrad import InnerStepConfig, MetaGradConfig, meta_gradient  # noqa: E402
+from tests.metalearn.reference_metagrad import reference_meta_gradient  # noqa: E402
 
 # name -> (method, mode, attention). jvp and the double backward need eager attention on CPU;
 # central differences take any kernel, so they run with SDPA as a user would.
@@ -49,6 +53,7 @@ CONFIGS = {
     "exact_central_batched": ("central", "batched", "sdpa"),
     "reference_independent": ("reference", "independent", "eager"),
     "reference_batched": ("reference", "batched", "eager"),
+    "meta_step_central_batched": ("central", "batched", "sdpa"),  # the whole step, φ included
 }
 SIZES = {  # ~21.6M parameters; --quick: ~0.5M
     "full": {
@@ -80,7 +85,11 @@ def _rss_kb(field: str) -> int:
 
 
 def _build(size: dict, attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """(base, batch, φ's engine): the same weights for every attention kernel (same seeds)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    from ckl_toolkit.core.ta_model import TrainAttentionModel
+    from ckl_toolkit.training.engine import PlainEngine
 
     config = LlamaConfig(
         vocab_size=size["vocab"],
@@ -106,7 +115,19 @@ def _build(size: dict, attn: str):
         "task_mask": torch.ones(B, Tt, dtype=torch.long),
         "task_obj_mask": obj,
     }
-    return base, batch
+    torch.manual_seed(2)
+    phi = TrainAttentionModel(LlamaModel(config), size["hidden"]).train()
+    engine = PlainEngine(phi, dict(phi.named_parameters()), torch.optim.AdamW(phi.parameters(), lr=3e-4), 1.0)
+    return base, batch, engine
+
+
+def _episodes(batch: dict):
+    """The batch as meta_step takes it (φ computes w; no object tokens marked in the documents)."""
+    from ckl_toolkit.metalearn.episodes import EpisodeBatch
+
+    doc_obj = torch.zeros_like(batch["w"], dtype=torch.bool)
+    return EpisodeBatch(batch["doc_ids"], batch["doc_mask"], doc_obj, batch["task_ids"], batch["task_mask"],
+                        batch["task_obj_mask"])  # fmt: skip
 
 
 def _tiny(batch: dict) -> dict:
@@ -115,8 +136,15 @@ def _tiny(batch: dict) -> dict:
     return {k: v[:1, : lengths[k]] for k, v in batch.items()}
 
 
-def _meta_step(method: str, mode: str, base, params: dict, batch: dict, inner: InnerStepConfig):
-    """One meta-step's dL/dw, the way each method produces it."""
+def _run(name: str, base, params: dict, batch: dict, engine, inner: InnerStepConfig):
+    """What configuration ``name`` times: a whole meta-step, or dL/dw the way its method produces it."""
+    method, mode, _ = CONFIGS[name]
+    if name.startswith("meta_step"):
+        from ckl_toolkit.metalearn.step import meta_step
+
+        return meta_step(
+            engine, base, params, _episodes(batch), MetaGradConfig(inner=inner, method=method, mode=mode)
+        )
     if method == "reference":
         cfg = MetaGradConfig(inner=inner, mode=mode)
         w = batch["w"].clone().requires_grad_(True)
@@ -129,18 +157,17 @@ def _meta_step(method: str, mode: str, base, params: dict, batch: dict, inner: I
 def memory_worker(name: str, args: argparse.Namespace) -> dict:
     """Peak extra RSS of one meta-step of one configuration, in this (fresh) process."""
     torch.set_num_threads(args.threads)
-    method, mode, attn = CONFIGS[name]
-    base, batch = _build(SIZES["quick" if args.quick else "full"], attn)
+    base, batch, engine = _build(SIZES["quick" if args.quick else "full"], CONFIGS[name][2])
     params, inner = dict(base.named_parameters()), _inner(args)
     # A tiny meta-step first, so lazy imports and one-time set-up do not count as the step's memory.
-    _meta_step(method, mode, base, params, _tiny(batch), inner)
+    _run(name, base, params, _tiny(batch), engine, inner)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
         how, before = "VmHWM - VmRSS (clear_refs)", _rss_kb("VmRSS")
     except OSError:
         how, before = "ru_maxrss delta", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    _meta_step(method, mode, base, params, batch, inner)
+    _run(name, base, params, batch, engine, inner)
     peak = _rss_kb("VmHWM") if how.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_extra_mb": (peak - before) / 1024, "memory_method": how}
 
@@ -153,10 +180,9 @@ def time_round_robin(names: list[str], args: argparse.Namespace) -> dict:
     inner, wall, cpu = _inner(args), {n: [] for n in names}, {n: [] for n in names}
     for r in range(args.repeats + 1):  # round 0 is the warm-up
         for name in names:
-            method, mode, attn = CONFIGS[name]
-            base, batch = bases[attn]
+            base, batch, engine = bases[CONFIGS[name][2]]
             t0, c0 = time.perf_counter(), time.process_time()
-            _meta_step(method, mode, base, dict(base.named_parameters()), batch, inner)
+            _run(name, base, dict(base.named_parameters()), batch, engine, inner)
             if r:
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
@@ -197,8 +223,17 @@ def _run_worker(worker: str, flags: list[str], env: dict) -> dict:
 def _ratios(results: dict) -> dict:
     """The issue's targets: exact vs the reference in the same mode, batched vs independent."""
     out = {}
+    step, metagrad = results.get("meta_step_central_batched"), results.get("exact_central_batched")
+    if step and metagrad:  # a whole meta-step over its dL/dw alone: what φ (forward, backward, step) adds
+        out["meta_step_over_meta_gradient_central_batched"] = (
+            step["sec_per_meta_step"] / metagrad["sec_per_meta_step"]
+        )
     for name, r in results.items():
-        if r["method"] == "reference" or f"reference_{r['mode']}" not in results:
+        if (
+            name.startswith("meta_step")
+            or r["method"] == "reference"
+            or f"reference_{r['mode']}" not in results
+        ):
             continue
         ref = results[f"reference_{r['mode']}"]
         out[f"{name}_speedup_vs_reference"] = ref["sec_per_meta_step"] / r["sec_per_meta_step"]

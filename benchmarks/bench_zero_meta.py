@@ -96,20 +96,14 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from ckl_toolkit.core.config import load_recipe
-    from ckl_toolkit.core.models import load_causal_lm, trainable_parameters
     from ckl_toolkit.core.ta_model import build_ta_model
-    from ckl_toolkit.distributed import (
-        check_recipe,
-        episode_slice,
-        init_distributed,
-        load_partitioned_base,
-        model_state_bytes,
-        shutdown,
-        ta_engine,
-    )
-    from ckl_toolkit.meta import build_optimizer, make_episode_batch
+    from ckl_toolkit.distributed.process import init_distributed, shutdown
+    from ckl_toolkit.meta import build_optimizer, check_recipe, load_base
     from ckl_toolkit.metalearn.config import MetaRecipe
-    from ckl_toolkit.metalearn.metagrad import meta_gradient
+    from ckl_toolkit.metalearn.episodes import episode_slice, make_episode_batch
+    from ckl_toolkit.metalearn.step import meta_step
+    from ckl_toolkit.metalearn.zero import model_state_bytes
+    from ckl_toolkit.training.engine import build_engine
 
     size = SIZES[args.size]
     overrides = [
@@ -128,16 +122,11 @@ def worker(args: argparse.Namespace) -> None:
     rss_before_models = _rss_kb("VmRSS") / 1024  # interpreter, torch, transformers, deepspeed
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.partition:
-        base, params = load_partitioned_base(recipe.base, ctx, recipe.seed)
-    else:
-        base = load_causal_lm(recipe.base).requires_grad_(False)
-        params = trainable_parameters(base)
-        for p in params.values():
-            p.requires_grad_(True)
+    base, params = load_base(recipe, ctx)  # replicated, or ZeRO-3-partitioned with a LoRA set per rank
     peak_gathered = watch_gathered(base, params) if args.partition else [1.0]
     ta = build_ta_model(args.model)
-    engine = ta_engine(ta, build_optimizer(ta.parameters(), recipe.optim), ctx)
+    optimizer = build_optimizer(ta.parameters(), recipe.optim)
+    engine = build_engine(ta, dict(ta.named_parameters()), optimizer, recipe.optim.grad_clip, ctx)
 
     from transformers import AutoTokenizer
 
@@ -151,24 +140,12 @@ def worker(args: argparse.Namespace) -> None:
         }
         for b in range(size["B"])
     ]
-    batch = make_episode_batch(tok, rows, recipe).rows(episode_slice(recipe.batch_size, ctx))
+    batch = make_episode_batch(tok, rows, recipe.data.max_length, recipe.data.task_max_length)
+    batch = batch.rows(episode_slice(recipe.batch_size, ctx.rank, ctx.world))
 
-    def step() -> float:
+    def step() -> float:  # one meta-step, exactly as meta.py takes it
         t = time.perf_counter()
-        w = engine(batch.doc_ids, batch.doc_mask)[:, 1:]
-        out = meta_gradient(
-            base,
-            params,
-            batch.doc_ids,
-            batch.doc_mask,
-            w.detach(),
-            batch.task_ids,
-            batch.task_mask,
-            batch.task_obj,
-            recipe.meta,
-        )
-        engine.backward((w * out.dL_dw).sum())
-        engine.step()
+        meta_step(engine, base, params, batch, recipe.meta)
         return time.perf_counter() - t
 
     step()  # warm-up: lazy imports, the ZeRO-3 trace, AdamW state allocation

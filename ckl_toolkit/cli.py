@@ -237,42 +237,58 @@ def pretrain(world_dir: Path, out: Path, quick: bool, seed: int, overrides: tupl
 # ----------------------------------------------------------------------------- the three jobs
 
 
-@main.command("meta-train")
-@click.option("--recipe", required=True, type=click.Path(path_type=Path))
-@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
-@click.option(
+LAUNCHER = click.option(
     "--launcher",
     type=click.Choice(["none", "deepspeed", "torchrun"]),
     default="none",
     show_default=True,
-    help="Spawn --nproc ranks on this machine with the DeepSpeed launcher or "
-    "torchrun (the recipe needs distributed.ds_config). Several nodes: run `deepspeed --hostfile` "
-    "yourself (README).",
+    help="Spawn --nproc ranks on this machine with the DeepSpeed launcher or torchrun (the recipe needs "
+    "a DeepSpeed config). Several nodes: run `deepspeed --hostfile` yourself (README).",
 )
-@click.option("--nproc", type=int, default=1, show_default=True, help="Ranks to spawn with --launcher.")
+NPROC = click.option("--nproc", type=int, default=1, show_default=True, help="Ranks for --launcher.")
+
+
+def _launch(script: str, launcher: str, nproc: int, recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Run ``ckl_toolkit/<script>`` on ``nproc`` ranks with ``launcher``; exit with its status."""
+    import subprocess
+
+    from ckl_toolkit.distributed.process import launch_command
+
+    args = ["--recipe", str(recipe), *overrides]
+    sys.exit(subprocess.call(launch_command(Path(__file__).with_name(script), launcher, nproc, args)))
+
+
+def _launch_world(launcher: str, nproc: int) -> int | None:
+    """The world size to validate a recipe for: ``nproc`` with a launcher, else what launched us."""
+    if launcher == "none" and nproc != 1:
+        raise ConfigError(f"--nproc {nproc} needs --launcher deepspeed or torchrun")
+    return nproc if launcher != "none" else None
+
+
+@main.command("meta-train")
+@click.option("--recipe", required=True, type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@LAUNCHER
+@NPROC
 @click.argument("overrides", nargs=-1)
 def meta_train_cmd(
     recipe: Path, dry_run: bool, launcher: str, nproc: int, overrides: tuple[str, ...]
 ) -> None:
     """Meta-train a Train-Attention model (one process, or --nproc ranks). OVERRIDES: key=value."""
-    from ckl_toolkit.distributed import check_recipe, launch_command
+    from ckl_toolkit.meta import check_recipe
     from ckl_toolkit.metalearn.config import MetaRecipe
 
     try:
         r = load_recipe(MetaRecipe, recipe, overrides)
-        if launcher == "none" and nproc != 1:
-            raise ConfigError(f"--nproc {nproc} needs --launcher deepspeed or torchrun")
-        check_recipe(r, world=nproc if launcher != "none" else None)  # before spawning anything
+        check_recipe(r, world=_launch_world(launcher, nproc))  # before spawning anything
     except ConfigError as e:
         _fail(e)
     if dry_run:
         click.echo(to_yaml(r))
         return
     if launcher != "none":
-        import subprocess
-
-        sys.exit(subprocess.call(launch_command(launcher, nproc, str(recipe), overrides)))
-    from ckl_toolkit.distributed import shutdown
+        _launch("meta.py", launcher, nproc, recipe, overrides)
+    from ckl_toolkit.distributed.process import shutdown
     from ckl_toolkit.meta import meta_train
 
     try:
@@ -287,16 +303,32 @@ def meta_train_cmd(
 @main.command("update")
 @click.option("--recipe", required=True, type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@LAUNCHER
+@NPROC
 @click.argument("overrides", nargs=-1)
-def update_cmd(recipe: Path, dry_run: bool, overrides: tuple[str, ...]) -> None:
+def update_cmd(recipe: Path, dry_run: bool, launcher: str, nproc: int, overrides: tuple[str, ...]) -> None:
     """Teach the served model the stream's unseen documents; publish a new version (the nightly job).
 
     Exit codes: 0 published, 1 failure, 2 bad recipe or input, 3 locked, 4 diverged, 5 nothing to
-    do, 6 interrupted (checkpointed; the next run resumes). OVERRIDES: key=value.
+    do, 6 interrupted (checkpointed; the next run resumes). With --launcher the exit code is the
+    launcher's (torchrun: 1 for any failing rank; logs/update.log names the code). OVERRIDES: key=value.
     """
-    from ckl_toolkit.update import run_cli
+    if launcher == "none" and nproc == 1:
+        from ckl_toolkit.update import run_cli
 
-    sys.exit(run_cli(str(recipe), overrides, dry_run))
+        sys.exit(run_cli(str(recipe), overrides, dry_run))
+    from ckl_toolkit.nightly.config import UpdateRecipe
+    from ckl_toolkit.update import check_recipe
+
+    try:
+        r = load_recipe(UpdateRecipe, recipe, overrides)
+        check_recipe(r, world=_launch_world(launcher, nproc))  # before spawning anything
+    except (ConfigError, TypeError) as e:  # TypeError: a required field missing in a nested section
+        _fail(e)
+    if dry_run:
+        click.echo(to_yaml(r))
+        return
+    _launch("update.py", launcher, nproc, recipe, overrides)
 
 
 @main.command("eval")

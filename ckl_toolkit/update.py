@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from ckl_toolkit.core.checkpoint import latest_checkpoint
 from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, to_yaml
 from ckl_toolkit.core.io import MetricsLogger, write_text_atomic
-from ckl_toolkit.distributed import (
+from ckl_toolkit.distributed.ds_config import model_hidden_size
+from ckl_toolkit.distributed.process import (
     DistContext,
     broadcast_object,
     init_distributed,
@@ -57,7 +58,7 @@ from ckl_toolkit.nightly.run import (
     versions_info,
 )
 from ckl_toolkit.training.batching import Cursor, batches
-from ckl_toolkit.training.engine import resolve_update_ds_config
+from ckl_toolkit.training.engine import update_ds_config
 from ckl_toolkit.training.learner import build_learner
 from ckl_toolkit.training.step import NonFiniteGuard, StepResult, weighted_step
 from ckl_toolkit.training.targets import check_target_runtime, check_version_kind, export_target
@@ -94,17 +95,28 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def join_ranks(recipe: UpdateRecipe) -> DistContext:
-    """This process's place: rank 0 of 1 (backend=single), or a rank of the DeepSpeed group."""
-    world = launched_world_size()
+def check_recipe(recipe: UpdateRecipe, world: int | None = None) -> dict | None:
+    """The checks that need no process group (before spawning ranks); the effective DeepSpeed config.
+
+    ``world`` defaults to what the launcher announced; None is returned for backend=single.
+    """
+    world = launched_world_size() if world is None else world
     if recipe.engine.backend == "single":
         if world > 1:
             raise ConfigError(
                 f"engine.backend: {world} ranks were launched but backend=single; set "
                 "engine.backend=deepspeed engine.ds_config=zero3 (or run one process)"
             )
-        return DistContext()
-    return init_distributed(resolve_update_ds_config(recipe, world))
+        return None
+    hidden = model_hidden_size(recipe.target.path, "target.path", default=1024)
+    o = recipe.optim
+    return update_ds_config(recipe.engine.ds_config, world, recipe.batching.batch_size, o.grad_clip,
+                            recipe.target.dtype, o.name, hidden)  # fmt: skip
+
+
+def join_ranks(recipe: UpdateRecipe) -> DistContext:
+    """This process's place: rank 0 of 1 (backend=single), or a rank of the DeepSpeed group."""
+    return init_distributed(check_recipe(recipe))
 
 
 def take_lock(out: Path, ctx: DistContext) -> RunLock | None:

@@ -11,6 +11,14 @@ Layout of a run directory::
 
 Nested state (optimizer state dicts, RNG states, data positions) is split by :func:`save_state`
 into a ``.safetensors`` file of tensors and a ``.json`` file whose leaves point at them.
+
+A training job checkpoints with :func:`save_step` / :func:`load_step`: every rank of its engine
+(``training.engine``) writes its share into one staging directory, which becomes ``step_N``::
+
+    step_00000040/
+      state.json, state.safetensors     the job's own state (step, data position, ...), from rank 0
+      rng_rank{r}.json/.safetensors      each rank's Python and torch RNG states
+      ...                                what ``engine.save`` writes (parameters, optimizer state)
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -132,3 +140,86 @@ def checkpoint_step(path: Path) -> int:
     if not m:
         raise ValueError(f"{path}: not a step checkpoint directory")
     return int(m.group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters by name, and the step checkpoints of an engine on one or several ranks
+
+
+def save_params(params: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Tensors by name as one safetensors file (CPU copies; e.g. an engine's trainable parameters)."""
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(path))
+
+
+def load_params(params: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Copy tensors saved by :func:`save_params` into ``params`` in place; the names must match.
+
+    Raises:
+        ValueError: a name is missing on either side.
+    """
+    tensors = load_file(str(path))
+    if set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
+        raise ValueError(f"{path}: saved tensors differ (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+
+
+class Checkpointable(Protocol):
+    """What :func:`save_step` needs of an engine (``training.engine.Engine`` has it all)."""
+
+    rank: int
+
+    def save(self, out: Path) -> None: ...
+    def load(self, ckpt: Path) -> None: ...
+    def barrier(self) -> None: ...
+
+
+def save_step(
+    root: str | os.PathLike,
+    step: int,
+    engine: Checkpointable,
+    state: dict,
+    keep: int,
+    write_main: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the resumable checkpoint ``root/step_N`` from every rank; complete or absent.
+
+    Rank 0 creates a staging directory; every rank writes ``engine.save`` and its RNG state into
+    it; rank 0 adds ``state`` and what ``write_main(staging)`` writes. After a barrier rank 0
+    renames it into place, moves ``latest`` and prunes to ``keep`` steps, so ``latest`` never
+    names a step that some rank has not finished. ``root`` must be on a filesystem every node shares.
+    Collective: every rank calls it.
+    """
+    root = Path(root)
+    staging = root / f".staging_{step:08d}"
+    if engine.rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while writing this step
+        staging.mkdir(parents=True)
+    engine.barrier()
+    engine.save(staging)
+    save_state(staging / f"rng_rank{engine.rank}", rng_state())
+    if engine.rank == 0:
+        save_state(staging / "state", state)
+        if write_main is not None:
+            write_main(staging)
+    engine.barrier()  # every rank's files are in staging before it becomes step_N
+    if engine.rank == 0:
+
+        def move(tmp: Path) -> None:
+            for item in staging.iterdir():
+                item.rename(tmp / item.name)
+
+        save_checkpoint(root, step, move, keep=keep)
+        shutil.rmtree(staging, ignore_errors=True)
+    engine.barrier()  # nobody runs ahead while rank 0 renames and prunes
+    return root / step_dir_name(step)
+
+
+def load_step(ckpt: str | os.PathLike, engine: Checkpointable) -> dict:
+    """Load a :func:`save_step` checkpoint into the engine and this rank's RNG; return its ``state``."""
+    ckpt = Path(ckpt)
+    engine.load(ckpt)
+    set_rng_state(load_state(ckpt / f"rng_rank{engine.rank}"))
+    return load_state(ckpt / "state")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ckl_toolkit.core.config import check_choices, fld, require
 from ckl_toolkit.core.models import ModelSpec
-from ckl_toolkit.distributed import DistributedSpec
+from ckl_toolkit.distributed.ds_config import DsFields
 from ckl_toolkit.metalearn.metagrad import MetaGradConfig
 
 
@@ -42,6 +42,51 @@ class MetaOptimSpec:
     def __post_init__(self):
         check_choices(self)
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclass
+class DistributedSpec:
+    """How meta-training is spread over ranks (docs/ARCHITECTURE.md §3)."""
+
+    ds_config: str | None = fld(
+        None,
+        "DeepSpeed config for φ: a preset of ds_configs/ (zero2, zero3, zero3_offload) or a JSON path. "
+        "null: one process, plain torch, no DeepSpeed.",
+    )
+    partition_base: bool = fld(
+        False,
+        "ZeRO-3-partition the frozen base over ranks (bases that do not fit one device). The inner "
+        "step then trains a per-rank LoRA set: needs base.lora, meta.method=central and a ZeRO-3 ds_config.",
+    )
+    precision: str = fld(
+        "auto",
+        "φ's precision under DeepSpeed (fills the config's 'auto' bf16/fp16 fields): auto (bf16 on a "
+        "GPU that supports it, else fp32), fp32, bf16.",
+        choices=("auto", "fp32", "bf16"),
+    )
+    backend: str = fld(
+        "auto",
+        "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo, nccl.",
+        choices=("auto", "gloo", "nccl"),
+    )
+
+    def __post_init__(self):
+        check_choices(self)  # field names get their "distributed." prefix from the recipe loader
+        require(
+            not (self.partition_base and self.ds_config is None),
+            "partition_base",
+            "needs distributed.ds_config (a ZeRO-3 preset, e.g. zero3)",
+        )
+
+
+# How this recipe spells what φ's DeepSpeed config is filled from (for the resolver's messages).
+META_DS_FIELDS = DsFields(
+    ds_config="distributed.ds_config",
+    batch="batch_size",
+    clip="optim.grad_clip",
+    precision="distributed.precision",
+    optimizer="optim.name",
+)
 
 
 @dataclass
@@ -82,7 +127,7 @@ class MetaRecipe:
         check_choices(self)
         require(self.steps >= 1, "steps", "must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        if self.distributed.partition_base:  # ARCHITECTURE.md §3: the inner step runs on a per-rank LoRA set
+        if self.distributed.partition_base:  # the inner step runs on a per-rank LoRA set
             require(
                 self.base.lora is not None,
                 "base.lora",

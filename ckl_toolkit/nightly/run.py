@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ckl_toolkit.core.checkpoint import load_state, rng_state, save_checkpoint, save_state, set_rng_state
+from ckl_toolkit.core.checkpoint import load_step as core_load_step
+from ckl_toolkit.core.checkpoint import save_step as core_save_step
 from ckl_toolkit.core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from ckl_toolkit.nightly.contract import current_version, list_versions, publish_version
 from ckl_toolkit.nightly.ledger import DocumentLedger
@@ -110,35 +111,13 @@ class RunSummary:
 
 
 def save_step(work: Path, engine, state: UpdateState, ledger: DocumentLedger, keep: int) -> None:
-    """A resumable checkpoint, written by every rank into one staging dir, then renamed by rank 0."""
-    root = work / "checkpoints"
-    staging = root / f".staging_{state.step:08d}"
-    if engine.rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    engine.barrier()
-    engine.save(staging)
-    save_state(staging / f"rng_rank{engine.rank}", rng_state())
-    if engine.rank == 0:
-        save_state(staging / "state", state.state_dict())
-        ledger.commit(staging / LEDGER_FILE)  # base ledger + documents finished so far
-
-    engine.barrier()
-    if engine.rank == 0:
-
-        def move(tmp: Path) -> None:
-            for item in staging.iterdir():
-                item.rename(tmp / item.name)
-
-        save_checkpoint(root, state.step, move, keep=keep)
-        shutil.rmtree(staging, ignore_errors=True)
-    engine.barrier()
+    """A resumable checkpoint (collective): the engine, RNG per rank, the state, and the ledger so far."""
+    core_save_step(work / "checkpoints", state.step, engine, state.state_dict(), keep,
+                   write_main=lambda staging: ledger.commit(staging / LEDGER_FILE))  # fmt: skip
 
 
 def load_step(ckpt: Path, engine) -> tuple[UpdateState, DocumentLedger]:
-    engine.load(ckpt)
-    set_rng_state(load_state(ckpt / f"rng_rank{engine.rank}"))
-    state = UpdateState.from_state_dict(load_state(ckpt / "state"))
+    state = UpdateState.from_state_dict(core_load_step(ckpt, engine))
     state.resumed_from = state.step
     return state, DocumentLedger(ckpt / LEDGER_FILE)
 

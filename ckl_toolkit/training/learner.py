@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ckl_toolkit.distributed.process import DistContext
+from ckl_toolkit.training.engine import Engine, build_engine
 from ckl_toolkit.training.sections import OptimSpec, TargetSpec, WeightSpec
 from ckl_toolkit.training.targets import Target
 from ckl_toolkit.training.weighers import Weigher
@@ -20,25 +22,22 @@ from ckl_toolkit.training.weighers import Weigher
 class Learner:
     target: Target
     weigher: Weigher
-    engine: object  # training.engine: PlainEngine or DeepSpeedEngine
+    engine: Engine
 
     @property
     def tokenizer(self):
         return self.target.tokenizer
 
 
-def make_engine(target: Target, optim: OptimSpec, ctx):
+def make_engine(target: Target, optim: OptimSpec, ctx: DistContext | None) -> Engine:
     """A fresh optimizer over the target's trainable parameters, inside the engine that steps it.
 
     A new engine per run or period: AdamW's moments restart and RecAdam anchors θ* at the weights
     the target holds now.
     """
-    from ckl_toolkit.training.engine import DeepSpeedEngine, PlainEngine
-
-    optimizer = optim.build(list(target.trainable().values()))
-    if ctx is not None and ctx.deepspeed:
-        return DeepSpeedEngine(target, optimizer, ctx)
-    return PlainEngine(target, optimizer, optim.grad_clip)
+    trainable = target.trainable()
+    optimizer = optim.build(list(trainable.values()))
+    return build_engine(target.model, trainable, optimizer, optim.grad_clip, ctx or DistContext())
 
 
 def build_learner(

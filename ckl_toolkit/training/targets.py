@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -136,23 +135,7 @@ def check_version_kind(version: Path | None, spec: TargetSpec) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Trainable state (single-process checkpoints) and export.
-
-
-def save_trainable(target: Target, path: Path) -> None:
-    """The trainable tensors as safetensors (fp32 copies are what the optimizer steps)."""
-    save_file({n: p.detach().cpu().contiguous() for n, p in target.trainable().items()}, str(path))
-
-
-def load_trainable(target: Target, path: Path) -> None:
-    """Copy tensors saved by ``save_trainable`` into the target; names and shapes must match."""
-    tensors, params = load_file(str(path)), target.trainable()
-    if set(tensors) != set(params):
-        missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
-        raise ValueError(f"{path}: trainable tensors differ (missing {missing}, unexpected {extra})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
+# Export (checkpoints of the trainable state: ``training.engine``).
 
 
 def export_target(target: Target, out: Path) -> list[str]:

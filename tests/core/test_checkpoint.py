@@ -6,9 +6,11 @@ import torch
 from ckl_toolkit.core.checkpoint import (
     latest_checkpoint,
     load_state,
+    load_step,
     rng_state,
     save_checkpoint,
     save_state,
+    save_step,
     set_rng_state,
 )
 
@@ -57,3 +59,41 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path):
         save_checkpoint(tmp_path, 2, boom)
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     assert not (tmp_path / "step_00000002").exists()
+
+
+def _train(engine, steps: range) -> None:
+    for t in steps:  # batches fixed by t, whatever the global RNG does
+        g = torch.Generator().manual_seed(t)
+        x, y = torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)
+        engine.step(torch.nn.functional.mse_loss(engine.module(x), y))
+
+
+def _engine():
+    from ckl_toolkit.training.engine import PlainEngine
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    return PlainEngine(model, dict(model.named_parameters()), torch.optim.AdamW(model.parameters()), 0.5)
+
+
+def test_save_step_then_load_step_resumes_an_engine_and_its_rng_exactly(tmp_path):
+    engine = _engine()
+    _train(engine, range(3))
+    torch.manual_seed(123)
+    write_main = lambda d: (d / "extra.txt").write_text("rank 0")  # noqa: E731
+    ckpt = save_step(tmp_path, 3, engine, {"step": 3, "pos": [1, 2]}, keep=1, write_main=write_main)
+    after_rng = torch.rand(2)
+    _train(engine, range(3, 6))
+
+    assert latest_checkpoint(tmp_path) == ckpt and ckpt.name == "step_00000003"
+    assert {p.name for p in tmp_path.iterdir()} == {"step_00000003", "latest"}  # no staging dir left
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"state.json", "rng_rank0.json", "engine.json", "trainable.safetensors", "extra.txt"} <= files
+    assert not [f for f in files if f.endswith((".pt", ".pkl", ".bin"))]
+
+    resumed = _engine()  # a fresh process: same start, other RNG state
+    torch.manual_seed(999)
+    assert load_step(ckpt, resumed) == {"step": 3, "pos": [1, 2]}
+    assert torch.equal(torch.rand(2), after_rng)
+    _train(resumed, range(3, 6))
+    assert all(torch.equal(a, b) for a, b in zip(engine.module.parameters(), resumed.module.parameters()))

@@ -10,9 +10,9 @@ tests/metalearn/distributed_worker.py
 - records how many parameter elements of φ and of the base this rank holds (the partition), and
   the largest fraction of the base ever gathered at once (a partition that gathers everything
   during the meta-gradient would save nothing at peak);
-- with ``--kill-at K``: SIGKILLs rank 1 in the middle of writing the checkpoint of step K (its own
-  state file written, the step directory not yet complete) while rank 0 waits for it: a crash at
-  the worst moment; torchrun then takes down the other rank;
+- with ``--kill-at K``: SIGKILLs rank 1 in the middle of writing the checkpoint of step K (its
+  engine state written into the staging directory, the step directory not yet complete) while
+  rank 0 waits for it: a crash at the worst moment; torchrun then takes down the other rank;
 
 and writes DIR/rank{r}.json.
 """
@@ -67,8 +67,9 @@ def main() -> None:
     count_collectives()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import ckl_toolkit.distributed as dist
     import ckl_toolkit.meta as meta
+    import ckl_toolkit.metalearn.step as step
+    from ckl_toolkit.metalearn.zero import local_numel
 
     held: dict = {}
     rank = int(os.environ.get("RANK", "0"))
@@ -80,13 +81,21 @@ def main() -> None:
         finally:
             inside_metagrad[0] = False
 
-    def engine(ta, optimizer, ctx):
-        e = real_engine(ta, optimizer, ctx)
-        held["ta"] = dist.local_numel(e.module)
+    def engine(*a, **k):
+        e = real_engine(*a, **k)
+        held["ta"] = local_numel(e.module)
+        save = e.save
+
+        def save_then_die(out: Path) -> None:  # out: checkpoints/.staging_{step:08d}
+            save(out)
+            if rank == 1 and int(out.name.rsplit("_", 1)[1]) == args.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        e.save = save_then_die
         return e
 
-    def base(spec, ctx, seed):
-        model, params = real_base(spec, ctx, seed)
+    def base(spec, ds_config, seed):
+        model, params = real_base(spec, ds_config, seed)
         frozen = [p for n, p in model.named_parameters() if n not in params]
         held["base"] = (
             sum(p.ds_tensor.numel() for p in frozen if hasattr(p, "ds_tensor")),
@@ -116,15 +125,9 @@ def main() -> None:
 
         coordinator.PartitionedParameterCoordinator.release_sub_module = probing_release
 
-    def save_state(stem, state):
-        real_save_state(stem, state)
-        if rank == 1 and state.get("step") == args.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    real_metagrad, meta.meta_gradient = meta.meta_gradient, metagrad
-    real_engine, meta.ta_engine = meta.ta_engine, engine
+    real_metagrad, step.meta_gradient = step.meta_gradient, metagrad
+    real_engine, meta.build_engine = meta.build_engine, engine
     real_base, meta.load_partitioned_base = meta.load_partitioned_base, base
-    real_save_state, dist.save_state = dist.save_state, save_state
     meta.main(rest)
     out = Path(args.report)
     out.mkdir(parents=True, exist_ok=True)

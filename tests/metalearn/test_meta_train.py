@@ -10,7 +10,7 @@ from ckl_toolkit.cli import main as cli
 from ckl_toolkit.core.config import ConfigError, load_recipe
 from ckl_toolkit.core.io import write_jsonl_atomic
 from ckl_toolkit.core.ta_model import load_ta_model
-from ckl_toolkit.meta import episode_indices, meta_train
+from ckl_toolkit.meta import meta_train
 from ckl_toolkit.metalearn.config import MetaRecipe
 from tests.conftest import meta_pairs as pairs
 
@@ -48,12 +48,6 @@ def recipe(tiny_lm_dir, data, run_dir, *extra):
 def states_equal(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_episode_indices_cover_each_epoch_once():
-    seen = [i for step in range(3) for i in episode_indices(6, 2, step, seed=0)]
-    assert sorted(seen) == list(range(6))
-    assert episode_indices(6, 2, 1, seed=0) == episode_indices(6, 2, 1, seed=0)
 
 
 def test_meta_train_runs_logs_and_moves_phi(tiny_lm_dir, meta_data, tmp_path):

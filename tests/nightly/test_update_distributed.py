@@ -1,4 +1,8 @@
-"""A 2-rank ZeRO-3 LoRA update on gloo (ARCHITECTURE.md §3, §9): the exported adapter is real and loads."""
+"""``ckl update --launcher torchrun --nproc 2``: a 2-rank ZeRO-3 LoRA update on gloo, end to end.
+
+The exported adapter is real and loads, and rows split over 2 ranks with averaged gradients give
+the same update as one process on the whole batch. The recipe is checked before anything spawns.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from ckl_toolkit.cli import main as cli
 from ckl_toolkit.core.config import to_yaml
 from ckl_toolkit.nightly.contract import current_version
 from ckl_toolkit.nightly.run import read_metrics
@@ -20,6 +26,32 @@ from ckl_toolkit.update import update
 from tests.nightly.test_update import facts, make_recipe, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
+COMMON = ["target.kind=lora", "target.lora.r=4", "target.export=merged", "optim.name=recadam",
+          "optim.recadam.gamma=50", "optim.recadam.t0=2", "save_every=2"]  # fmt: skip
+ZERO3 = ["engine.backend=deepspeed", "engine.ds_config=zero3"]
+
+
+def write_recipe(tmp_path: Path, lm: Path, data: Path, *extra: str) -> Path:
+    path = tmp_path / "zero3.yaml"
+    path.write_text(to_yaml(make_recipe(tmp_path / "ds", lm, *COMMON, *ZERO3, *extra, data=data)))
+    return path
+
+
+def test_the_recipe_is_checked_before_spawning(tmp_path, tiny_lm_dir):
+    data = write_jsonl(tmp_path / "data/a.jsonl", facts("d", 2)).parent
+    recipe, runner = write_recipe(tmp_path, tiny_lm_dir, data), CliRunner()
+    cases = [  # (arguments, what the message says)
+        (["--nproc", "2"], "--nproc 2 needs --launcher"),
+        (["--launcher", "torchrun", "--nproc", "3"], "batching.batch_size: 4 rows do not split over 3 ranks"),
+        (["--launcher", "torchrun", "--nproc", "2", "engine.backend=single"], "engine.backend: 2 ranks"),
+    ]
+    for args, says in cases:
+        res = runner.invoke(cli, ["update", "--recipe", str(recipe), *args])
+        assert res.exit_code == 2 and says in res.output, res.output
+    assert not (tmp_path / "ds" / "out").exists()  # nothing ran
+    dry = runner.invoke(cli, ["update", "--recipe", str(recipe), "--launcher", "torchrun", "--nproc", "2",
+                              "--dry-run"])  # fmt: skip
+    assert dry.exit_code == 0 and "ds_config: zero3" in dry.output
 
 
 @pytest.mark.distributed
@@ -27,20 +59,15 @@ def test_two_rank_zero3_lora_update_exports_an_adapter_that_loads(tmp_path, tiny
     from peft import PeftModel
 
     data = write_jsonl(tmp_path / "data/a.jsonl", facts("d", 10)).parent  # 20 rows (2 windows each)
-    common = ["target.kind=lora", "target.lora.r=4", "target.export=merged", "optim.name=recadam",
-              "optim.recadam.gamma=50", "optim.recadam.t0=2", "save_every=2"]  # fmt: skip
-    recipe = make_recipe(tmp_path / "ds", tiny_lm_dir, *common, "engine.backend=deepspeed",
-                         "engine.ds_config=zero3", data=data)  # fmt: skip
-    path = tmp_path / "zero3.yaml"
-    path.write_text(to_yaml(recipe))
+    path = write_recipe(tmp_path, tiny_lm_dir, data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "ckl_toolkit/update.py"), "--recipe", str(path)]  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "ckl_toolkit.cli", "update", "--recipe", str(path),
+           "--launcher", "torchrun", "--nproc", "2"]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout[res.stdout.index("{") :])  # rank 0 prints the run summary
-    assert summary.exit_code == 0 and summary.documents == 10 and summary.steps == 5  # 20 rows / 4
+    assert summary["exit_code"] == 0 and summary["documents"] == 10 and summary["steps"] == 5  # 20 rows / 4
 
     # The adapter: every LoRA matrix, trained (B starts at zero), loadable by peft, equal to the merge.
     version = current_version(tmp_path / "ds/out")
@@ -62,8 +89,8 @@ def test_two_rank_zero3_lora_update_exports_an_adapter_that_loads(tmp_path, tiny
     assert len(json.loads((version / "ledger.json").read_text())["ids"]) == 10
 
     # Rows split over 2 ranks with averaged gradients = the same update as one process on the batch.
-    single = update(make_recipe(tmp_path / "one", tiny_lm_dir, *common, data=data))
+    single = update(make_recipe(tmp_path / "one", tiny_lm_dir, *COMMON, data=data))
     mine = load_file(str(current_version(tmp_path / "one/out") / "adapter/adapter_model.safetensors"))
     for name, t in tensors.items():
         assert torch.allclose(t, mine[name], atol=1e-5), name
-    assert single["steps"] == summary.steps
+    assert single.steps == summary["steps"]
