@@ -197,6 +197,36 @@ def data_lama_ckl(
     click.echo(f"rule: {info['rule']}")
 
 
+@data.command("temporalwiki")
+@click.option(
+    "--path", "src", required=True, type=click.Path(path_type=Path), help="The TemporalWiki data directory."
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option(
+    "--templates",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="LAMA relations.jsonl for the probe wording [PATH/../lama/relations.jsonl if it exists].",
+)
+@click.option(
+    "--val-pairs", default=64, show_default=True, help="Pairs (whole subjects) for meta-validation."
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
+def data_temporalwiki(
+    src: Path, out: Path, templates: Path | None, val_pairs: int, seed: int, force: bool
+) -> None:
+    """TA meta-training pairs from the 0801-0901 changed triples, disjoint from every evaluated period."""
+    from ckl_toolkit.data.temporalwiki import prepare_temporalwiki
+
+    if templates is None and (src.parent / "lama" / "relations.jsonl").is_file():
+        templates = src.parent / "lama" / "relations.jsonl"
+    with _user_errors(ConfigError, exit_code=EXIT_BAD_INPUT):
+        info = prepare_temporalwiki(src, out, templates, val_pairs, seed, force)
+    click.echo(f"wrote {out}: {info['counts']}")
+    click.echo(f"rule: {info['rule']}")
+
+
 @main.command("convert-smollm2")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -265,6 +295,18 @@ def _launch_world(launcher: str, nproc: int) -> int | None:
     return nproc if launcher != "none" else None
 
 
+def _meta_paths(r) -> None:
+    """A meta recipe's base model, TA trunk and pair files exist (errors name the field and its maker)."""
+    from ckl_toolkit.core.paths import require_file, require_model_dir
+
+    require_model_dir(r.base.path, "base.path")
+    if r.ta.init_from:
+        require_model_dir(r.ta.init_from, "ta.init_from")
+    require_file(r.data.train, "data.train")
+    if r.data.val:
+        require_file(r.data.val, "data.val")
+
+
 @main.command("meta-train")
 @click.option("--recipe", required=True, type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
@@ -280,6 +322,7 @@ def meta_train_cmd(
 
     try:
         r = load_recipe(MetaRecipe, recipe, overrides)
+        _meta_paths(r)  # a missing model or pair file fails in seconds, naming the field
         check_recipe(r, world=_launch_world(launcher, nproc))  # before spawning anything
     except ConfigError as e:
         _fail(e)
@@ -323,11 +366,13 @@ def update_cmd(recipe: Path, dry_run: bool, launcher: str, nproc: int, overrides
     try:
         r = load_recipe(UpdateRecipe, recipe, overrides)
         check_recipe(r, world=_launch_world(launcher, nproc))  # before spawning anything
-    except (ConfigError, TypeError) as e:  # TypeError: a required field missing in a nested section
+        if dry_run:
+            from ckl_toolkit.update import dry_run as resolve
+
+            click.echo(resolve(r))
+            return
+    except (ValueError, TypeError, FileNotFoundError) as e:  # TypeError: a required nested field missing
         _fail(e)
-    if dry_run:
-        click.echo(to_yaml(r))
-        return
     _launch("update.py", launcher, nproc, recipe, overrides)
 
 
@@ -376,12 +421,25 @@ def eval_cmd(recipe: Path, dry_run: bool, report: bool, overrides: tuple[str, ..
 )
 @click.argument("overrides", nargs=-1)
 def validate(recipe: Path, job: str | None, overrides: tuple[str, ...]) -> None:
-    """Check a recipe and print it resolved; exit 2 naming file, line and field if it is wrong."""
+    """Check a recipe and the run it means; exit 2 naming file, line and field if anything is wrong.
+
+    update: the paths exist, the stream's unseen documents, tokens and steps planned, RecAdam's λ(t)
+    over those steps, the runtime (qlora needs CUDA) and a peak-memory estimate. meta: the paths.
+    """
+    job = job or _guess_job(recipe)
     try:
-        r = load_recipe(_recipe_class(job or _guess_job(recipe)), recipe, overrides)
-    except ConfigError as e:
+        r = load_recipe(_recipe_class(job), recipe, overrides)
+        if job == "update":
+            from ckl_toolkit.update import dry_run
+
+            text = dry_run(r)
+        else:
+            if job == "meta":
+                _meta_paths(r)
+            text = to_yaml(r)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # ConfigError, StreamError (bad input, fatal)
         _fail(e)
-    click.echo(to_yaml(r))
+    click.echo(text)
     click.echo(f"# {recipe}: ok", err=True)
 
 
@@ -397,10 +455,53 @@ def fields(job: str) -> None:
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: RUN/export/ta")
-def export(run_dir: Path, out: Path | None) -> None:
-    """Export a meta-training run's TA model (latest checkpoint) as safetensors + sidecar."""
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A meta-training run: export its latest TA model.",
+)
+@click.option(
+    "--version",
+    "version",
+    default=None,
+    help="A published update version: a versions/vNNNNNN dir, an update output_dir (its current), "
+    "or vN / current with --recipe.",
+)
+@click.option(
+    "--recipe",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="The update recipe whose output_dir --version names a version of.",
+)
+@click.option("--merge", is_flag=True, help="Merge a LoRA version into an ordinary HF model.")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Cast tensors."
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Default: RUN/export/ta, OUTPUT/exports/..."
+)
+def export(
+    run_dir: Path | None,
+    version: str | None,
+    recipe: Path | None,
+    merge: bool,
+    dtype: str | None,
+    out: Path | None,
+) -> None:
+    """Export a meta-training run's TA model (--run), or a published update version (--version).
+
+    A version becomes an HF model (--merge: a LoRA merged into its base; a full fine-tune as is) or its
+    adapter, in --dtype: `ckl export --version runs/temporalwiki/current --merge --dtype bfloat16`.
+    """
+    if (run_dir is None) == (version is None):
+        raise click.UsageError("give exactly one of --run (a TA model) or --version (an update version)")
+    if version is not None:
+        _export_version(version, recipe, merge, dtype, out)
+        return
+    if merge or dtype:
+        raise click.UsageError("--merge and --dtype apply to --version")
     from ckl_toolkit.core.checkpoint import latest_checkpoint
     from ckl_toolkit.core.io import atomic_dir
     from ckl_toolkit.core.ta_model import load_ta_model
@@ -414,6 +515,90 @@ def export(run_dir: Path, out: Path | None) -> None:
     with atomic_dir(out) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
     click.echo(f"exported {src} -> {out}")
+
+
+def _export_version(
+    version: str, recipe: Path | None, merge: bool, dtype: str | None, out: Path | None
+) -> None:
+    from ckl_toolkit.nightly.export import export_version, find_version
+
+    output_dir = None
+    if recipe is not None:
+        from ckl_toolkit.nightly.config import UpdateRecipe
+
+        try:
+            output_dir = load_recipe(UpdateRecipe, recipe).output_dir
+        except (ConfigError, TypeError) as e:
+            _fail(e)
+    with _user_errors(ConfigError, exit_code=EXIT_BAD_INPUT):
+        src = find_version(version, output_dir)
+        written, what = export_version(src, out, merge, dtype)
+    click.echo(f"exported {src} -> {written}: {what}")
+
+
+@main.command("score")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="An HF model dir, a published version, or an update output_dir (its current). Repeat to compare; "
+    "the first is the reference of the changes.",
+)
+@click.option(
+    "--probes",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A probe file of {subject, relation, object} rows (JSONL or CSV). Repeatable.",
+)
+@click.option(
+    "--templates", type=click.Path(path_type=Path), default=None, help="LAMA relations.jsonl (probe wording)."
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="First N rows per file (0: all).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here."
+)
+def score_cmd(
+    models: tuple[str, ...],
+    probes: tuple[Path, ...],
+    templates: Path | None,
+    limit: int,
+    batch_size: int,
+    out: Path | None,
+) -> None:
+    """Object-token NLL (nats) and accuracy of models on TemporalWiki-style probe sets, side by side."""
+    import json
+    import time
+
+    from ckl_toolkit.core.io import write_json_atomic
+    from ckl_toolkit.evaluation.score import load_probe_sets, score_model, score_result, score_table
+    from ckl_toolkit.nightly.export import load_model
+
+    with _user_errors(ConfigError, exit_code=EXIT_BAD_INPUT):
+        sets = load_probe_sets([str(p) for p in probes], str(templates) if templates else None, limit)
+        result = score_result(sets, str(templates) if templates else None, limit)
+        for path in models:
+            t0 = time.perf_counter()
+            model, tokenizer, what = load_model(path)
+            scores = score_model(model, tokenizer, sets, batch_size)
+            result["models"][path] = {
+                "loaded": what,
+                "scores": scores,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            del model
+    if out is not None:
+        write_json_atomic(out, result, sort_keys=False)
+    click.echo(score_table(result))
+    click.echo(json.dumps(result, indent=2) if out is None else f"wrote {out}")
 
 
 def _write_report(run_dir: Path | str, out_dir: Path | None = None, metric: str = "em") -> list[Path]:

@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 from ckl_toolkit.core.checkpoint import latest_checkpoint
 from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, to_yaml
 from ckl_toolkit.core.io import MetricsLogger, write_text_atomic
+from ckl_toolkit.core.losses import LOSS_CHUNK_TOKENS
+from ckl_toolkit.core.models import load_tokenizer
 from ckl_toolkit.distributed.ds_config import model_hidden_size
 from ckl_toolkit.distributed.process import (
     DistContext,
@@ -44,15 +46,24 @@ from ckl_toolkit.distributed.process import (
     shutdown,
 )
 from ckl_toolkit.nightly.config import UpdateRecipe
-from ckl_toolkit.nightly.contract import ExitCode, LockedError, RunLock, current_version, exit_code_for
+from ckl_toolkit.nightly.contract import (
+    ExitCode,
+    LockedError,
+    NotLearnedError,
+    RunLock,
+    current_version,
+    exit_code_for,
+)
 from ckl_toolkit.nightly.ledger import DocumentLedger
 from ckl_toolkit.nightly.plan import collect_plan, load_plan, new_run_id
+from ckl_toolkit.nightly.preflight import check_paths, check_schedule, planned_work, resolve_run
 from ckl_toolkit.nightly.run import (
     LEDGER_FILE,
     RunSummary,
     UpdateState,
     finish_work,
     load_step,
+    model_card,
     publish,
     save_step,
     versions_info,
@@ -61,9 +72,18 @@ from ckl_toolkit.training.batching import Cursor, batches
 from ckl_toolkit.training.engine import update_ds_config
 from ckl_toolkit.training.learner import build_learner
 from ckl_toolkit.training.step import NonFiniteGuard, StepResult, weighted_step
-from ckl_toolkit.training.targets import check_target_runtime, check_version_kind, export_target
+from ckl_toolkit.training.targets import (
+    check_target_runtime,
+    check_version_kind,
+    export_target,
+    weights_change,
+    weights_fingerprint,
+)
 
 logger = logging.getLogger("ckl_toolkit.update")
+
+# Below this ‖Δθ‖/‖θ₀‖ a run's summary carries a warning that the model barely changed.
+MIN_RELATIVE_CHANGE = 1e-6
 
 
 class StopFlag:
@@ -100,6 +120,7 @@ def check_recipe(recipe: UpdateRecipe, world: int | None = None) -> dict | None:
 
     ``world`` defaults to what the launcher announced; None is returned for backend=single.
     """
+    check_paths(recipe)  # a missing model, TA model or stream fails here, in seconds, naming the field
     world = launched_world_size() if world is None else world
     if recipe.engine.backend == "single":
         if world > 1:
@@ -192,22 +213,58 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
     t_start, work = time.perf_counter(), out / "work"
     metrics = MetricsLogger(out / "metrics.jsonl" if ctx.is_main else None)
     version = current_version(out)  # the served model: this run continues from it
+    logger.info(
+        "update start: output %s, served version %s, recipe %s, pid %d",
+        out,
+        version.name if version else "none (first run)",
+        run_hash(recipe),
+        os.getpid(),
+    )
     check_version_kind(version, recipe.target)
     plan, ledger = plan_run(recipe, out, ctx, version)
     summary = RunSummary.of_plan(plan)
     if not plan.new:
         summary.exit_code = int(ExitCode.NOTHING_TO_DO)
+        logger.info(
+            "nothing to learn: every document of the stream is in the ledger of %s", summary.base_version
+        )
         if ctx.is_main:
             finish_work(work)
             metrics.log(event="summary", **summary.to_dict())
         summary.versions = versions_info(out)
         return summary
 
+    # --- the work the plan means: steps and tokens over all epochs; a RecAdam schedule must let it learn
+    todo = planned_work(recipe, plan, load_tokenizer(recipe.target.path))
+    summary.planned_steps, summary.planned_tokens = todo.steps, todo.tokens
+    summary.recadam = check_schedule(recipe, todo.steps)
+    logger.info(
+        "plan %s: %d new documents (+ %d rehearsal pool), %d epochs, %d steps, %d tokens%s",
+        plan.run,
+        len(plan.new),
+        len(plan.pool),
+        recipe.epochs,
+        todo.steps,
+        todo.tokens,
+        _lambda_note(summary.recadam),
+    )
+
     # --- the learner: target θ (trained), weights (frozen source), optimizer inside its engine
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    learner = build_learner(recipe.target, recipe.weights, recipe.optim, version, recipe.seed, device, ctx)
+    learner = build_learner(
+        recipe.target,
+        recipe.weights,
+        recipe.optim,
+        version,
+        recipe.seed,
+        device,
+        ctx,
+        planned_steps=todo.steps,
+    )
     engine, tokenizer = learner.engine, learner.tokenizer
     guard = NonFiniteGuard(recipe.max_nonfinite)
+    with engine.gathered():  # the run's starting weights (also after a resume: rebuilt from `version`)
+        start_weights = weights_fingerprint(learner.target.trainable())
 
     # --- resume: the same documents, epoch, cursor, weights, optimizer (and anchors), RNG, ledger
     state = UpdateState()
@@ -215,16 +272,21 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
     if ckpt is not None:
         state, ledger = load_step(ckpt, engine)
         guard.load_state_dict(state.guard)
-        logger.info("resuming run %s from %s", plan.run, ckpt)
+        logger.info("resuming run %s from %s (step %d of %d)", plan.run, ckpt, state.step, todo.steps)
 
     new_ids = {d.id for d in plan.new}
     b = recipe.batching
-    bar = tqdm(unit="tok", unit_scale=True, desc="update", disable=not recipe.progress or not ctx.is_main)
+    bar = tqdm(
+        total=todo.tokens,
+        initial=state.batching.tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="update",
+        disable=not recipe.progress or not ctx.is_main,
+    )
+    last_save = time.monotonic()
     for epoch in range(state.epoch, recipe.epochs):
-        shuffle = b.shuffle_key(recipe.seed, plan.period, epoch)
-        docs, ratio = recipe.mix_review.epoch(
-            plan.new, plan.pool, plan.period, epoch, shuffle
-        )  # training order
+        docs, ratio = plan.epoch_documents(recipe.mix_review, b, recipe.seed, epoch)  # training order
         if state.cursor == Cursor():
             rehearsed = [d.id for d in docs if d.id not in new_ids]
             metrics.log(event="epoch", run=plan.run, epoch=epoch, new=len(new_ids), rehearsal=len(rehearsed),
@@ -247,34 +309,111 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
             bar.update(batch.tokens)
             if state.step % recipe.log_every == 0:
                 metrics.log(**step_record(state, plan.run, epoch, result, engine))
-                bar.set_postfix(loss=f"{result.loss:.3f}")
+                bar.set_postfix(loss=f"{result.loss:.3f}", step=f"{state.step}/{todo.steps}")
             stopping = engine.all_mean(float(stop.requested)) > 0  # ranks see a signal at different steps
-            if stopping or (recipe.save_every and state.step % recipe.save_every == 0):
+            reason = checkpoint_due(recipe, state.step, last_save, engine, stopping)
+            if reason:
                 state.guard = guard.state_dict()
                 save_step(work, engine, state, ledger, recipe.keep_checkpoints)
+                last_save = time.monotonic()
+                logger.info(
+                    "checkpoint step %d of %d (%s): %s", state.step, todo.steps, reason, work / "checkpoints"
+                )
             if stopping:
                 raise KeyboardInterrupt(f"stopped by a signal at step {state.step}; the next run resumes")
         state.epoch, state.cursor = epoch + 1, Cursor()
     bar.close()
 
-    # --- publish: a complete version appears by rename; only then does `current` move
+    # --- did it learn? a version whose weights never moved must not mark its documents learned
     summary.add_state(state, guard.skipped, time.perf_counter() - t_start)
+    with engine.gathered():
+        summary.weights_moved = weights_change(start_weights, learner.target.trainable())
+    check_moved(summary, recipe)
+
+    # --- publish: a complete version appears by rename; only then does `current` move
     meta = {"target_kind": recipe.target.kind, "recipe_hash": run_hash(recipe)}
-    new_version = publish(out, engine, lambda tmp: export_target(learner.target, tmp), plan, ledger, summary,
-                          to_yaml(recipe), meta, recipe.keep_versions)  # fmt: skip
+    card = lambda tmp: model_card(recipe, plan, summary, tmp)  # noqa: E731
+    new_version = publish(
+        out,
+        engine,
+        lambda tmp: export_target(learner.target, tmp),
+        plan,
+        ledger,
+        summary,
+        to_yaml(recipe),
+        meta,
+        recipe.keep_versions,
+        card,
+    )
     summary.exit_code = int(ExitCode.OK)
     if ctx.is_main:
         finish_work(work)
         summary.version, summary.versions = new_version.name, versions_info(out)
         metrics.log(event="summary", **summary.to_dict())
+        moved = summary.weights_moved
+        logger.info(
+            "published %s: %d documents, %d steps, %d tokens in %.0f s; weights moved %.3g (relative %.2g)",
+            new_version,
+            summary.documents,
+            summary.steps,
+            summary.tokens,
+            summary.seconds,
+            moved["norm_change"],
+            moved["relative_change"],
+        )
     return summary
 
 
+def _lambda_note(recadam: dict | None) -> str:
+    if recadam is None:
+        return ""
+    return f"; RecAdam λ(t) from {recadam['lambda_first']:.3g} to {recadam['lambda_last']:.3g}"
+
+
+def checkpoint_due(recipe: UpdateRecipe, step: int, last_save: float, engine, stopping: bool) -> str | None:
+    """Why a checkpoint is due after ``step`` (None: it is not): a signal, the step count, or the clock.
+
+    The clock's answer is all-reduced: every rank must save at the same step.
+    """
+    if stopping:
+        return "stop signal"
+    if recipe.save_every and step % recipe.save_every == 0:
+        return f"every {recipe.save_every} steps"
+    if recipe.save_every_minutes:
+        late = time.monotonic() - last_save >= 60 * recipe.save_every_minutes
+        if engine.all_mean(float(late)) > 0:
+            return f"every {recipe.save_every_minutes:g} minutes"
+    return None
+
+
+def check_moved(summary: RunSummary, recipe: UpdateRecipe) -> None:
+    """Refuse to publish a model identical to its start; warn when it barely moved.
+
+    Raises:
+        NotLearnedError: no trained tensor changed (exit 7; the documents stay unseen for the next run).
+    """
+    moved = summary.weights_moved
+    why = f"lr {recipe.optim.lr:g}, {summary.steps} steps ({summary.skipped_steps} skipped)" + _lambda_note(
+        summary.recadam
+    )
+    if moved["tensors_changed"] == 0:
+        raise NotLearnedError(
+            f"the trained weights did not move in {summary.steps} steps ({why}); nothing was published and "
+            "the documents stay unseen. Check optim.lr, optim.recadam and the token weights (w_mean in "
+            "metrics.jsonl)"
+        )
+    if moved["relative_change"] < MIN_RELATIVE_CHANGE:
+        note = f"the weights barely moved: ‖Δθ‖/‖θ‖ = {moved['relative_change']:.1e} ({why})"
+        summary.warnings.append(note)
+        logger.warning(note)
+
+
 def setup_logging(output_dir: str) -> None:
-    """Log to stderr and to output_dir/logs/update.log (the run log cron keeps); quiet HF's bars."""
+    """Log to stderr and to output_dir/logs/update.log (the run log cron keeps); quiet HF bars and reports."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # load reports of frozen parts are not news
     log_dir = Path(output_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -289,16 +428,53 @@ def setup_logging(output_dir: str) -> None:
         root.addHandler(handler)
 
 
-def run_cli(recipe_path: str, overrides: list[str] | tuple[str, ...], dry_run: bool = False) -> int:
+def dry_run(recipe: UpdateRecipe) -> str:
+    """The resolved recipe and the run it would start now (``ckl update --dry-run``, ``ckl validate``).
+
+    Raises:
+        ConfigError, StreamError: what the run itself would fail with before training.
+    """
+    resolved = resolve_run(recipe, LOSS_CHUNK_TOKENS)
+    return to_yaml(recipe) + "\n# the run, resolved (nothing trained or written):\n" + describe_run(resolved)
+
+
+def describe_run(resolved: dict) -> str:
+    """The resolved run as commented YAML lines, each figure with its unit."""
+    w, docs, mem, lam = (
+        resolved["work"],
+        resolved["documents"],
+        resolved["memory_estimate"],
+        resolved["recadam"],
+    )
+    rt = resolved["runtime"]
+    lines = [
+        f"served version: {resolved['served_version'] or 'none (the first run starts from target.path)'}",
+        f"documents: {docs['new']} new (rehearsal pool {docs['rehearsal_pool']}); stream {docs['stream']}",
+        f"planned: {w['steps']} optimizer steps, {w['tokens']} tokens, rows per epoch {w['rows']}",
+        f"runtime: {rt['device']}, backend {rt['backend']}, {rt['threads']} threads",
+    ]
+    if lam is not None:
+        lines.append(
+            f"RecAdam λ(t): {lam['lambda_first']:.3g} at step 1 -> {lam['lambda_last']:.3g} at step "
+            f"{lam['steps']} (t0 = step {lam['t0_steps']:.1f}, k = {lam['k_per_step']:.3g}/step)"
+        )
+    if mem is not None:
+        parts = ", ".join(f"{k} {v}" for k, v in mem["parts_mb"].items())
+        lines.append(f"peak memory, estimated: {mem['peak_mb']} MB ({parts}; MB)")
+    return "".join(f"#   {line}\n" for line in lines)
+
+
+def run_cli(recipe_path: str, overrides: list[str] | tuple[str, ...], dry_run_only: bool = False) -> int:
     """Load, validate and run; print the summary; return the exit code (never raises)."""
     try:
         recipe = load_recipe(UpdateRecipe, recipe_path, overrides)
-    except (ConfigError, TypeError) as e:  # TypeError: a required field missing in a nested section
-        print(f"error: {e}", file=sys.stderr)
+        if dry_run_only:
+            print(dry_run(recipe))
+            return int(ExitCode.OK)
+        check_paths(recipe)  # before any model loads: a missing path costs seconds, not a hub timeout
+    except (ValueError, TypeError, FileNotFoundError) as e:  # ConfigError, StreamError; TypeError: a nested
+        print(f"error: {e}", file=sys.stderr)  # required field missing
         return int(ExitCode.BAD_INPUT)
-    if dry_run:
-        print(to_yaml(recipe))
-        return int(ExitCode.OK)
     setup_logging(recipe.output_dir)
     try:
         summary = update(recipe)
@@ -323,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and run, then exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     sys.exit(run_cli(args.recipe, args.overrides, args.dry_run))

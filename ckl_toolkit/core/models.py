@@ -1,14 +1,23 @@
-"""Loading target / base causal LMs and choosing their trainable subset (full or LoRA)."""
+"""Loading target / base causal LMs and choosing their trainable subset (full or LoRA).
+
+Local paths load with local files only; a hub model is ``hf://org/name`` (``core.paths``). Loading is
+quiet: transformers' load report (e.g. the LM head a bare trunk leaves out) and its progress bars stay
+off the terminal; ``CKL_VERBOSE=1`` shows them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ckl_toolkit.core.config import check_choices, fld, require
+from ckl_toolkit.core.paths import model_source, require_model_dir
 
 DTYPES = {
     "float32": torch.float32,
@@ -42,15 +51,55 @@ class ModelSpec:
         check_choices(self)
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings (load reports) and progress bars off while inside, unless CKL_VERBOSE=1."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("CKL_VERBOSE") == "1":
+        yield
+        return
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_causal_lm(spec: ModelSpec, field_name: str = "base.path") -> nn.Module:
-    """Load a causal LM; wrap it with LoRA adapters when ``spec.lora`` is set."""
+    """Load a causal LM (local files only, or an ``hf://`` id); wrap it with LoRA when ``spec.lora`` is set.
+
+    Raises:
+        ConfigError: naming ``field_name`` when the directory does not exist.
+    """
     require(bool(spec.path), field_name, "a model directory is required")
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.path, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation
-    )
+    require_model_dir(spec.path, field_name)
+    source, local = model_source(spec.path)
+    source = os.path.abspath(source) if local else source  # recorded as name_or_path (peft: the base)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=DTYPES[spec.dtype],
+            attn_implementation=spec.attn_implementation,
+            local_files_only=local,
+        )
     if spec.lora is not None:
         model = add_lora(model, spec.lora)
     return model
+
+
+def load_tokenizer(path: str, field_name: str = "target.path"):
+    """The tokenizer of a model directory (local files only) or of an ``hf://`` id."""
+    require_model_dir(path, field_name)
+    source, local = model_source(path)
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(
+            os.path.abspath(source) if local else source, local_files_only=local
+        )
 
 
 def add_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:

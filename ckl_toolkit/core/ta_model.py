@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from ckl_toolkit.core.io import atomic_dir, write_json_atomic
+from ckl_toolkit.core.losses import model_inputs
 
 FORMAT = "ckl-train-attention-v1"
 HEAD_BIAS_INIT = 4.0  # sigma(4) ~ 0.98: training starts near uniform fine-tuning
@@ -39,9 +40,15 @@ class TrainAttentionModel(nn.Module):
     def config(self):
         return self.trunk.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Returns (B, T) weights; position t weights target token x_t (use ``w[:, 1:]``)."""
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Returns (B, T) weights; position t weights target token x_t (use ``w[:, 1:]``).
+
+        ``position_ids`` (packed rows, restarting at 0 per document) keep each document to itself.
+        """
+        inputs = model_inputs(input_ids, attention_mask, position_ids)
+        hidden = self.trunk(**inputs).last_hidden_state  # (B, T, H)
         return torch.sigmoid(self.head(hidden.to(self.head.weight.dtype)).squeeze(-1))  # (B, T)
 
 

@@ -15,15 +15,18 @@ import torch
 class Encoded:
     """A right-padded batch.
 
-    input_ids: (B, T); attention_mask: (B, T); offsets: per row, a list of (start, end) char spans.
+    input_ids: (B, T); attention_mask: (B, T); offsets: per row, a list of (start, end) char spans;
+    position_ids: (B, T) for packed rows (positions restart at 0 per document), else None.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     offsets: list[list[tuple[int, int]]]
+    position_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Encoded:
-        return Encoded(self.input_ids.to(device), self.attention_mask.to(device), self.offsets)
+        pos = None if self.position_ids is None else self.position_ids.to(device)
+        return Encoded(self.input_ids.to(device), self.attention_mask.to(device), self.offsets, pos)
 
 
 def ensure_pad_token(tokenizer) -> None:

@@ -70,7 +70,10 @@ class UpdateRecipe:
     engine: EngineSpec = field(default_factory=EngineSpec)
     epochs: int = fld(1, "Passes over this run's new documents.")
     log_every: int = fld(10, "Steps between metrics.jsonl records.")
-    save_every: int = fld(50, "Steps between resumable checkpoints (0: only on a stop signal).")
+    save_every: int = fld(50, "Steps between resumable checkpoints (0: by the clock or a stop signal only).")
+    save_every_minutes: float = fld(
+        0.0, "Also checkpoint when this many minutes passed since the last one (0: off); slow steps are kept."
+    )
     keep_checkpoints: int = fld(2, "Step checkpoints kept in work/.")
     keep_versions: int = fld(3, "Published versions kept (the current one always is).")
     max_nonfinite: int = fld(3, "Abort (exit 4) after this many non-finite losses in a row.")
@@ -83,6 +86,7 @@ class UpdateRecipe:
         require(self.epochs >= 1, "epochs", "must be >= 1")
         require(self.log_every >= 1, "log_every", "must be >= 1")
         require(self.save_every >= 0, "save_every", "must be >= 0")
+        require(self.save_every_minutes >= 0, "save_every_minutes", "must be >= 0")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         require(self.keep_versions >= 1, "keep_versions", "must be >= 1")
         require(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")

@@ -49,6 +49,13 @@ class ExitCode(IntEnum):
     DIVERGED = 4  # the loss was non-finite too many steps in a row; current is unchanged
     NOTHING_TO_DO = 5  # no unseen documents; current is unchanged
     INTERRUPTED = 6  # stopped by a signal after saving a checkpoint; the next run resumes
+    NOT_LEARNED = 7  # training ran but the weights did not move; nothing published, documents stay unseen
+
+
+class NotLearnedError(RuntimeError):
+    """The run's trained weights ended exactly where they started: publishing would mark documents learned."""
+
+    exit_code = ExitCode.NOT_LEARNED
 
 
 class LockedError(RuntimeError):
@@ -59,7 +66,7 @@ class LockedError(RuntimeError):
 
 def exit_code_for(exc: BaseException) -> ExitCode:
     """The exit code that reports ``exc`` (ValueError covers ConfigError, JsonlError, StreamError)."""
-    if isinstance(exc, LockedError):
+    if isinstance(exc, (LockedError, NotLearnedError)):
         return exc.exit_code
     if isinstance(exc, DivergenceError):
         return ExitCode.DIVERGED

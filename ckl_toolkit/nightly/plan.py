@@ -13,12 +13,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckl_toolkit.core.config import ConfigError
 from ckl_toolkit.core.documents import Document, Position
 from ckl_toolkit.core.io import write_json_atomic
 from ckl_toolkit.nightly.ledger import DocumentLedger
 from ckl_toolkit.nightly.sources import DocumentStream, StreamConfig
+
+if TYPE_CHECKING:
+    from ckl_toolkit.training.sections import BatchSpec, MixReviewSpec
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,13 @@ class Plan:
 
     def save(self, work: Path) -> None:
         write_json_atomic(work / PLAN_FILE, self.to_json())
+
+    def epoch_documents(
+        self, mix_review: MixReviewSpec, batching: BatchSpec, seed: int, epoch: int
+    ) -> tuple[list[Document], float]:
+        """The documents of ``epoch`` in training order (new + rehearsal draws), and the rehearsal ratio."""
+        shuffle = batching.shuffle_key(seed, self.period, epoch)
+        return mix_review.epoch(self.new, self.pool, self.period, epoch, shuffle)
 
 
 def collect_plan(

@@ -15,6 +15,8 @@ Layout (on top of ``contract``'s ``versions/`` and ``current``)::
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -80,6 +82,11 @@ class RunSummary:
     cpu_seconds: float = 0.0
     resumed_from: int = 0
     seconds: float = 0.0
+    planned_steps: int = 0
+    planned_tokens: int = 0
+    recadam: dict | None = None  # λ(t) at the first and last planned step
+    weights_moved: dict | None = None  # training.targets.weights_change
+    warnings: list[str] = field(default_factory=list)
     version: str | None = None
     files: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
@@ -136,10 +143,12 @@ def publish(
     recipe_yaml: str,
     version_meta: dict,
     keep_versions: int,
+    card: Callable[[Path], None] | None = None,
 ) -> Path | None:
     """Export the model, commit the ledger and summary into a new version, move ``current`` to it.
 
     Collective under ZeRO-3 (the export gathers parameters): every rank enters, rank 0 writes.
+    ``card`` writes the model card into the version (after the export, whose README it replaces).
     Returns the new version directory on rank 0 (None elsewhere).
     """
     version = None
@@ -154,11 +163,91 @@ def publish(
                 write_jsonl_atomic(tmp / "documents.jsonl", rows)
                 (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
                 write_json_atomic(tmp / "summary.json", summary.to_dict())
+                if card is not None:
+                    card(tmp)
 
             meta = {"period": plan.period, "run": plan.run, "documents": len(plan.new), **version_meta}
             version = publish_version(output_dir, build, keep_last=keep_versions, meta=meta)
     engine.barrier()
     return version
+
+
+def model_card(recipe, plan: Plan, summary: RunSummary, version_dir: Path) -> None:
+    """``README.md`` of a version (and of its ``adapter/``): what was trained, on what, and how to load it."""
+    t, w, o = recipe.target, recipe.weights, recipe.optim
+    base = os.path.abspath(t.path) if not t.path.startswith("hf://") else t.path
+    kind = {
+        "full": "every weight (full fine-tune)",
+        "kadapter": "K-Adapter blocks on the frozen base",
+        "lora": f"LoRA r={t.lora.r}, alpha={t.lora.alpha} on {t.lora.target_modules}",
+        "qlora": f"QLoRA (4-bit base) r={t.lora.r}, alpha={t.lora.alpha} on {t.lora.target_modules}",
+    }[t.kind]
+    weights = w.method + (
+        f", Train-Attention model {os.path.abspath(w.ta_path)}" if w.method == "taalm" else ""
+    )
+    schedule = ""
+    if summary.recadam:
+        r = summary.recadam
+        schedule = f", RecAdam γ={o.recadam.gamma:g}, λ(t) {r['lambda_first']:.3g} → {r['lambda_last']:.3g}"
+    moved = summary.weights_moved or {}
+    streams = ", ".join(recipe.data.stream.paths)
+    lines = [
+        "# A ckl-toolkit nightly update",
+        "",
+        f"- **Base model**: `{base}`{_conversion_note(base)}",
+        f"- **Continues**: {summary.base_version or 'the base model (first update)'}",
+        f"- **Trained**: {kind}, {t.dtype}",
+        f"- **Token weights**: {weights}",
+        f"- **Learned**: {summary.documents} new documents from {streams} ({summary.rehearsal_documents} "
+        f"rehearsal), {recipe.epochs} epoch(s), {summary.steps} steps, {summary.tokens} tokens, "
+        f"batch {recipe.batching.batch_size}×{recipe.batching.max_length}"
+        f"{' packed' if recipe.batching.pack else ''}",
+        f"- **Optimizer**: {o.name}, lr {o.lr:g}{schedule}",
+        f"- **Weights moved**: ‖Δθ‖ ≈ {moved.get('norm_change', 0):.4g} (relative "
+        f"{moved.get('relative_change', 0):.3g}), {moved.get('tensors_changed', 0)} of "
+        f"{moved.get('tensors', 0)} trained tensors",
+        f"- **Run**: {plan.run}, period {plan.period}; documents.jsonl lists its documents, ledger.json "
+        "every id learned so far",
+        "",
+        "## Load",
+        "",
+    ]
+    if (version_dir / "adapter" / "adapter_config.json").is_file():
+        lines += [
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "# the adapter records its base model by absolute path",
+            'model = AutoPeftModelForCausalLM.from_pretrained("<this version>/adapter")',
+            "```",
+            "Merged or bf16 copies: `ckl export --version <this version> --merge --dtype bfloat16`.",
+        ]
+    elif (version_dir / "model").is_dir():
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            'model = AutoModelForCausalLM.from_pretrained("<this version>/model")',
+            "```",
+        ]
+    else:
+        lines += [
+            "K-Adapter: `ckl_toolkit.training.kadapter.load_adapter(base_model, '<this version>/adapter')`."
+        ]
+    text = "\n".join(lines) + "\n"
+    (version_dir / "README.md").write_text(text, encoding="utf-8")
+    if (version_dir / "adapter").is_dir():
+        (version_dir / "adapter" / "README.md").write_text(text, encoding="utf-8")
+
+
+def _conversion_note(base: str) -> str:
+    """What ``make real`` converted, from its ``conversion.json`` (empty for other models)."""
+    path = Path(base) / "conversion.json"
+    if not path.is_file():
+        return ""
+    info = json.loads(path.read_text(encoding="utf-8"))
+    return (
+        f" ({Path(info.get('gguf_file', '?')).stem.replace('.', ' ')} GGUF, dequantized to "
+        f"{info.get('dtype', '?')} from {info.get('source_package', '?')} {info.get('source_version', '')})"
+    )
 
 
 def finish_work(work: Path) -> None:

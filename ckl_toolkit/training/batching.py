@@ -3,7 +3,10 @@
 A document longer than ``max_length`` tokens is split into consecutive windows: a cut-off tail would
 be knowledge silently not learned. ``pack=False``: every row holds one window of one document.
 ``pack=True``: documents, each followed by EOS, are concatenated and cut into rows of exactly
-``max_length`` (the last row may be shorter).
+``max_length`` (the last row may be shorter). A packed batch carries ``position_ids`` that restart at 0
+for every document of a row, so a document attends only to itself and its first token is no target
+(``core.losses.target_mask``): its loss is the loss it has alone in a row, as with axolotl's or
+torchtune's packing and HF's flattening collator.
 
 A pass over a list of documents can stop after any batch and resume from its ``Cursor`` (documents
 fully consumed, tokens of the next one already trained): the resumed pass tokenises only what is
@@ -70,6 +73,7 @@ class Batch:
     rows: list[list[Document]]  # per row, the documents with tokens in it
     completed: list[Document]  # documents whose last token is in this batch
     cursor: Cursor  # where the pass stands after this batch
+    position_ids: torch.Tensor | None = None  # (B, T) packed rows: positions restart per document
 
     @property
     def tokens(self) -> int:
@@ -79,6 +83,7 @@ class Batch:
 @dataclass
 class _Row:
     ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # per token, its position in its own document piece
     members: list[Document] = field(default_factory=list)
     completed: list[Document] = field(default_factory=list)
     cursor: Cursor = Cursor()
@@ -115,10 +120,19 @@ def batches(
     for row in _rows(_tokenised(docs, tokenizer, pack, start.docs), max_length, pack, start, stats):
         group.append(row)
         if len(group) == batch_size:
-            yield _collate(group, tokenizer.pad_token_id)
+            yield _collate(group, tokenizer.pad_token_id, pack)
             group = []
     if group:
-        yield _collate(group, tokenizer.pad_token_id)
+        yield _collate(group, tokenizer.pad_token_id, pack)
+
+
+def count_rows(docs: Sequence[Document], tokenizer: Any, max_length: int, pack: bool) -> tuple[int, int]:
+    """(rows, real tokens) that :func:`batches` makes of ``docs``: a run's planned work, without tensors."""
+    ensure_pad_token(tokenizer)
+    stats, rows = BatchStats(), 0
+    for _ in _rows(_tokenised(docs, tokenizer, pack, 0), max_length, pack, Cursor(), stats):
+        rows += 1
+    return rows, stats.tokens
 
 
 def _tokenised(docs: Sequence[Document], tokenizer: Any, pack: bool, first: int) -> Iterator[tuple]:
@@ -143,6 +157,7 @@ def _rows(pieces: Iterable, max_length: int, pack: bool, start: Cursor, stats: B
         while ids:
             take, ids = ids[: max_length - len(row.ids)], ids[max_length - len(row.ids) :]
             row.ids += take
+            row.positions += range(len(take))
             done += len(take)
             row.members.append(doc)
             if ids:
@@ -159,15 +174,21 @@ def _rows(pieces: Iterable, max_length: int, pack: bool, start: Cursor, stats: B
         yield row
 
 
-def _collate(group: list[_Row], pad_id: int) -> Batch:
+def _collate(group: list[_Row], pad_id: int, pack: bool) -> Batch:
     width = max(len(r.ids) for r in group)
     input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+    position_ids = torch.zeros((len(group), width), dtype=torch.long) if pack else None
     for b, r in enumerate(group):
         input_ids[b, : len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
         attention_mask[b, : len(r.ids)] = 1
+        if position_ids is not None:  # padding continues the last document's positions (it is masked)
+            last = r.positions[-1]
+            pad = range(last + 1, last + 1 + width - len(r.ids))
+            position_ids[b] = torch.tensor(r.positions + list(pad), dtype=torch.long)
     completed = [d for r in group for d in r.completed]
-    return Batch(input_ids, attention_mask, [list(r.members) for r in group], completed, group[-1].cursor)
+    rows = [list(r.members) for r in group]
+    return Batch(input_ids, attention_mask, rows, completed, group[-1].cursor, position_ids)
 
 
 def epoch_documents(

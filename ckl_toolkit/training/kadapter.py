@@ -127,15 +127,19 @@ class _Adapter(nn.Module):
         nn.init.zeros_(self.fuse_norm.weight)  # fused term = 0 at init: logits start as the base's
 
 
-def _attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+def _attention_mask(attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) padding mask -> (B, 1, T, T) bool: causal, real keys only, plus the diagonal.
 
-    The diagonal keeps a padded query from attending to nothing (which would give NaN).
+    The diagonal keeps a padded query from attending to nothing (which would give NaN). With
+    ``position_ids`` (packed rows, restarting at 0 per document) a query sees its own document only.
     """
     T = attention_mask.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    keys = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T)
-    return (causal & keys) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    mask = causal & attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, T, T)
+    if position_ids is not None:
+        document = (position_ids == 0).cumsum(-1)  # (B, T) which packed document a token belongs to
+        mask = mask & (document[:, None, :, None] == document[:, None, None, :])
+    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
 
 
 class KAdapterModel(nn.Module):
@@ -174,27 +178,15 @@ class KAdapterModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, V) and, given ``labels`` (B, T, -100 = ignore), the mean next-token loss.
 
         ``use_cache`` is accepted for HF-call compatibility and ignored: the adapter scores whole
-        sequences and keeps no KV cache.
+        sequences and keeps no KV cache. ``position_ids`` mark packed documents (restarting at 0).
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        out = self.base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-        )
-        # hidden_states: embeddings, then each layer's output (B, T, H); the last one is final-normed.
-        hidden = out.hidden_states
-        dtype = self.adapter.fuse_norm.weight.dtype
-        mask = _attention_mask(attention_mask)
-        a = torch.zeros_like(hidden[0], dtype=dtype)  # (B, T, H) adapter stream
-        for layer, block in zip(self.layers, self.adapter.blocks):
-            a = block(hidden[layer + 1].to(dtype) + a, mask)
-        fused = out.last_hidden_state.to(dtype) + self.cfg.scale * self.adapter.fuse_norm(a)  # (B, T, H)
         lm_head = self.base.get_output_embeddings()
-        logits = lm_head(fused.to(lm_head.weight.dtype))  # (B, T, V)
+        logits = lm_head(self.fused_hidden(input_ids, attention_mask, position_ids))  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -203,6 +195,38 @@ class KAdapterModel(nn.Module):
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def fused_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T, H) the base's last hidden state plus the fused adapter output, in the LM head's dtype."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        base_mask = None if position_ids is not None else attention_mask  # packed: positions say it all
+        decoder = self.base.get_decoder()
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=base_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        # hidden_states: embeddings, then each layer's output (B, T, H); the last one is final-normed.
+        hidden = out.hidden_states
+        dtype = self.adapter.fuse_norm.weight.dtype
+        mask = _attention_mask(attention_mask, position_ids)
+        a = torch.zeros_like(hidden[0], dtype=dtype)  # (B, T, H) adapter stream
+        for layer, block in zip(self.layers, self.adapter.blocks):
+            a = block(hidden[layer + 1].to(dtype) + a, mask)
+        fused = out.last_hidden_state.to(dtype) + self.cfg.scale * self.adapter.fuse_norm(a)  # (B, T, H)
+        return fused.to(self.base.get_output_embeddings().weight.dtype)
+
+    def lm_trunk_and_head(self):
+        """(trunk, head) of ``core.losses.token_nll``'s chunked loss: the fused hidden state, the LM head."""
+        return self.fused_hidden, self.base.get_output_embeddings()
 
     def save_adapter(self, adapter_dir: str | os.PathLike) -> Path:
         """Write the adapter tensors (safetensors) and a JSON sidecar, atomically. Returns the dir."""

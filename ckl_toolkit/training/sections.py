@@ -26,7 +26,7 @@ from ckl_toolkit.core.models import DTYPES, LoraSpec
 from ckl_toolkit.training.batching import epoch_documents
 from ckl_toolkit.training.kadapter import KAdapterConfig
 from ckl_toolkit.training.mix_review import MixReviewConfig
-from ckl_toolkit.training.recadam import RecAdam
+from ckl_toolkit.training.recadam import RecAdam, recadam_lambda
 from ckl_toolkit.training.targets import Target, build_target
 from ckl_toolkit.training.weighers import Weigher, build_weigher
 
@@ -73,6 +73,11 @@ class TargetSpec:
         "What a version holds: model (HF safetensors), merged (LoRA merged into an HF model, plus "
         "the adapter), adapter (peft or K-Adapter dir); auto: model for full, adapter otherwise.",
         choices=EXPORTS,
+    )
+    gradient_checkpointing: bool = fld(
+        False,
+        "Recompute each layer's activations in backward instead of keeping them: several times less "
+        "activation memory for ~30% more compute (full and LoRA targets; K-Adapter's base keeps none).",
     )
 
     def __post_init__(self):
@@ -145,11 +150,69 @@ class WeightSpec:
         return build_weigher(self, target, version, seed, device)
 
 
+# Below this λ(t) for a whole run, RecAdam's task step is < 1/1000 of Adam's: the run learns nothing.
+MIN_RECADAM_LAMBDA = 1e-3
+
+
 @dataclass
 class RecAdamSpec:
     gamma: float = fld(5000.0, "Strength γ of the pull γ/2·‖θ−θ*‖² (lr·γ must stay below 2).")
-    k: float = fld(0.5, "Steepness k of λ(t) = 1/(1+exp(−k(t−t0))).")
-    t0: float = fld(250.0, "Step t0 where λ = 0.5 (the paper's default; scale it to your run's steps).")
+    k: float = fld(
+        0.5, "Steepness k of λ(t) = 1/(1+exp(−k(t−t0))); with relative: per run (λ = σ(k·(t/N − t0)))."
+    )
+    t0: float = fld(
+        250.0,
+        "Step t0 where λ = 0.5 (the paper's 250 suits runs of thousands of steps); with relative: a "
+        "fraction of the run's N planned steps (0.5: midway).",
+    )
+    relative: bool = fld(
+        False,
+        "t0 and k relative to the run's planned steps N: t0·N and k/N steps (a nightly run's N changes "
+        "with the night's documents; 'ckl validate' prints N and the λ(t) range).",
+    )
+
+    def __post_init__(self):
+        require(self.k > 0, "k", f"must be > 0, got {self.k}")
+        require(
+            not self.relative or 0.0 <= self.t0 <= 1.0, "t0", f"relative: a fraction in [0, 1], got {self.t0}"
+        )
+
+    def schedule(self, planned_steps: int | None) -> tuple[float, float]:
+        """(k, t0) in steps for a run of ``planned_steps`` steps.
+
+        Raises:
+            ConfigError: a relative schedule without the run's planned steps.
+        """
+        if not self.relative:
+            return self.k, self.t0
+        if not planned_steps:
+            raise ConfigError(
+                "optim.recadam.relative: this job does not plan its steps ahead (ckl eval); "
+                "give t0 and k in steps (relative=false)"
+            )
+        return self.k / planned_steps, self.t0 * planned_steps
+
+    def lambda_range(self, planned_steps: int) -> tuple[float, float]:
+        """λ(1) and λ(N) over a run of N planned steps (λ rises with t)."""
+        k, t0 = self.schedule(planned_steps)
+        return recadam_lambda(1, k, t0), recadam_lambda(planned_steps, k, t0)
+
+    def check(self, planned_steps: int) -> tuple[float, float]:
+        """λ(t)'s range over the run; refuses a schedule under which the run cannot learn.
+
+        Raises:
+            ConfigError: λ(t) < MIN_RECADAM_LAMBDA at every planned step.
+        """
+        lo, hi = self.lambda_range(planned_steps)
+        if hi < MIN_RECADAM_LAMBDA:
+            k, t0 = self.schedule(planned_steps)
+            raise ConfigError(
+                f"optim.recadam: λ(t) stays below {hi:.1e} over the run's {planned_steps} planned steps "
+                f"(t0={t0:g}, k={k:g}): each step is λ·Adam's, so the weights would not move. Set "
+                "optim.recadam.relative=true with t0=0.5 and k=10 (λ from 0.007 to 0.99 over any run), "
+                f"or t0 below {planned_steps}"
+            )
+        return lo, hi
 
 
 @dataclass
@@ -179,12 +242,21 @@ class OptimSpec:
                 f"lr*gamma = {self.lr * self.recadam.gamma:g} must be < 2 (the pull diverges)",
             )
 
-    def build(self, params) -> torch.optim.Optimizer:
-        """AdamW, or RecAdam anchored at the weights of its first step, over ``params``."""
+    def build(self, params, planned_steps: int | None = None) -> torch.optim.Optimizer:
+        """AdamW, or RecAdam anchored at the weights of its first step, over ``params``.
+
+        ``planned_steps``: the run's steps, which a relative RecAdam schedule is scaled to.
+        """
         if self.name == "recadam":
-            r = self.recadam
-            return RecAdam(params, lr=self.lr, weight_decay=self.weight_decay, gamma=r.gamma,
-                           anneal_k=r.k, anneal_t0=r.t0)  # fmt: skip
+            k, t0 = self.recadam.schedule(planned_steps)
+            return RecAdam(
+                params,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                gamma=self.recadam.gamma,
+                anneal_k=k,
+                anneal_t0=t0,
+            )
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ckl_toolkit.core.losses import target_mask, token_nll
+from ckl_toolkit.core.losses import LOSS_CHUNK_TOKENS, target_mask, token_nll
 from ckl_toolkit.core.text import Encoded
 from ckl_toolkit.training.batching import Batch
 from ckl_toolkit.training.weighers import TextBatch, Weigher, row_text_batch
@@ -88,26 +88,30 @@ class StepResult:
         return float(self.weights[self.mask].mean()) if self.mask.any() else math.nan
 
 
-def rank_rows(batch: Batch, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """This rank's rows ``rank::world`` of a global batch: (ids, mask, row indices).
+def rank_rows(batch: Batch, rank: int, world: int) -> tuple[Encoded, list[int]]:
+    """This rank's rows ``rank::world`` of a global batch (ids, mask, packed positions), and their indices.
 
     A rank left without rows (a short last batch) trains on one fully masked row, so it still takes
     part in the collectives of forward and backward, at weight 0.
     """
     index = list(range(rank, batch.input_ids.size(0), world))
+    pos = batch.position_ids
     if not index:
-        return batch.input_ids[:1], torch.zeros_like(batch.attention_mask[:1]), []
-    return batch.input_ids[index], batch.attention_mask[index], index
+        empty = torch.zeros_like(batch.attention_mask[:1])
+        return Encoded(batch.input_ids[:1], empty, [], None if pos is None else pos[:1]), []
+    ids, mask = batch.input_ids[index], batch.attention_mask[index]
+    return Encoded(ids, mask, [], None if pos is None else pos[index]), index
 
 
 def text_batch(
     batch: Batch, rank: int, world: int, tokenizer, needs_text: bool, object_field: str
 ) -> TextBatch:
     """This rank's rows as a TextBatch; texts and objects are read only for weighers that need them."""
-    ids, mask, index = rank_rows(batch, rank, world)  # (b, T)
+    enc, index = rank_rows(batch, rank, world)  # (b, T)
     if not needs_text:
-        return TextBatch(Encoded(ids, mask, []), [])
-    tb = row_text_batch(tokenizer, ids, mask)
+        return TextBatch(enc, [])
+    tb = row_text_batch(tokenizer, enc.input_ids, enc.attention_mask)
+    tb.enc.position_ids = enc.position_ids
     members = [batch.rows[i] for i in index] or [[]]
     tb.objects = [[d.meta.get(object_field) for d in docs if d.meta.get(object_field)] for docs in members]
     return tb
@@ -127,6 +131,7 @@ def weighted_step(
     guard: NonFiniteGuard,
     object_field: str = "object",
     step: int | None = None,
+    loss_chunk: int = LOSS_CHUNK_TOKENS,
 ) -> StepResult:
     """One optimizer step of ``engine`` on this rank's rows of ``batch``, tokens weighted by ``weigher``.
 
@@ -138,13 +143,14 @@ def weighted_step(
         guard: skips a non-finite step (and raises after too many in a row).
         object_field: the documents' field naming the object (the oracle's).
         step: the step number, for the guard's log line.
+        loss_chunk: targets per LM-head chunk (0: the full (b, T, V) logits; ``core.losses.token_nll``).
     """
     tb = text_batch(batch, engine.rank, engine.world, tokenizer, weigher.needs_text, object_field)
     tb = tb.to(module_device(engine.module))
-    ids, mask = tb.enc.input_ids, tb.enc.attention_mask  # (b, T)
-    nll = token_nll(engine.module, ids, mask)  # (b, T-1) nats per target token
+    ids, mask, pos = tb.enc.input_ids, tb.enc.attention_mask, tb.enc.position_ids  # (b, T); pos: packed
+    nll = token_nll(engine.module, ids, mask, pos, loss_chunk)  # (b, T-1) nats per target token
     w = weigher.weights(tb, nll.detach()).to(nll.device)  # (b, T-1) token weights in [0, 1]
-    real = target_mask(mask)  # (b, T-1)
+    real = target_mask(mask, pos)  # (b, T-1); a packed document's first token is no target
     loss = weigher.loss(nll, w, real)
     mean_loss = engine.all_mean(float(loss.detach()))  # sync point: every rank decides alike
     if not guard.check(mean_loss, step):

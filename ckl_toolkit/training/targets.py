@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,18 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ckl_toolkit.core.config import ConfigError
-from ckl_toolkit.core.models import DTYPES, ModelSpec, add_lora, load_causal_lm
+from ckl_toolkit.core.models import (
+    DTYPES,
+    ModelSpec,
+    add_lora,
+    load_causal_lm,
+    load_tokenizer,
+    quiet_transformers,
+)
+from ckl_toolkit.core.paths import model_source
 from ckl_toolkit.core.text import ensure_pad_token
 from ckl_toolkit.training.kadapter import KAdapterModel, load_adapter
 
@@ -71,6 +80,10 @@ def _base_spec(spec: TargetSpec, path: str, lora: bool = False) -> ModelSpec:
     return ModelSpec(path, spec.dtype, spec.attn_implementation, spec.lora if lora else None)
 
 
+def _load_base(spec: TargetSpec, path: str | Path, field: str = "target.path") -> nn.Module:
+    return load_causal_lm(_base_spec(spec, str(path)), field)
+
+
 def _load_quantized(spec: TargetSpec) -> nn.Module:
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -82,9 +95,15 @@ def _load_quantized(spec: TargetSpec) -> nn.Module:
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     device = int(os.environ.get("LOCAL_RANK", 0))
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.path, quantization_config=bnb, dtype=DTYPES[spec.dtype], device_map={"": device}
-    )
+    source, local = model_source(spec.path)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            quantization_config=bnb,
+            dtype=DTYPES[spec.dtype],
+            device_map={"": device},
+            local_files_only=local,
+        )
     return prepare_model_for_kbit_training(model)
 
 
@@ -99,14 +118,14 @@ def build_target(spec: TargetSpec, version: Path | None, seed: int) -> Target:
     same starting point before loading its checkpoint.
     """
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(spec.path)
+    tokenizer = load_tokenizer(spec.path, "target.path")
     ensure_pad_token(tokenizer)
     adapter = version / ADAPTER_DIR if version is not None else None
     if spec.kind == "full":
         start = version / MODEL_DIR if version is not None else Path(spec.path)
-        model = load_causal_lm(_base_spec(spec, str(start)))
+        model = _load_base(spec, start, "current version" if version is not None else "target.path")
     elif spec.kind in ("lora", "qlora"):
-        base = _load_quantized(spec) if spec.kind == "qlora" else load_causal_lm(_base_spec(spec, spec.path))
+        base = _load_quantized(spec) if spec.kind == "qlora" else _load_base(spec, spec.path)
         if adapter is not None:
             from peft import PeftModel
 
@@ -114,10 +133,13 @@ def build_target(spec: TargetSpec, version: Path | None, seed: int) -> Target:
         else:
             model = _fresh_lora(base, spec)
     else:
-        base = load_causal_lm(_base_spec(spec, spec.path))
+        base = _load_base(spec, spec.path)
         model = (
             load_adapter(base, adapter) if adapter is not None else KAdapterModel(base, spec.kadapter.build())
         )
+    if spec.gradient_checkpointing and spec.kind != "kadapter":  # K-Adapter: the frozen base keeps nothing
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     started = str(version) if version is not None else spec.path
     return Target(model, tokenizer, spec, started)
 
@@ -173,3 +195,57 @@ def merge_lora(spec: TargetSpec, adapter_dir: Path, out: Path) -> None:
     base = load_causal_lm(_base_spec(spec, spec.path))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# How far a run moved the trained weights (cheap: sums, norms and a strided sample per tensor).
+
+SAMPLE_PER_TENSOR = 4096
+
+
+def weights_fingerprint(trainable: dict[str, nn.Parameter]) -> dict[str, dict]:
+    """Per trained tensor: its sum and norm (fp64 accumulation) and every k-th element (≤ 4,096, fp32 copy).
+
+    Memory: a few kB per tensor, not a copy of the weights. Call inside any parameter gather (ZeRO-3).
+    """
+    out = {}
+    for name, p in trainable.items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // SAMPLE_PER_TENSOR)
+        out[name] = {
+            "numel": flat.numel(),
+            "step": step,
+            "sample": flat[::step][:SAMPLE_PER_TENSOR].float().cpu().clone(),
+            "sum": float(flat.sum(dtype=torch.float64)),
+            "norm": float(torch.linalg.vector_norm(flat, dtype=torch.float64)),
+        }
+    return out
+
+
+def weights_change(start: dict[str, dict], trainable: dict[str, nn.Parameter]) -> dict:
+    """How far the trained weights moved from ``start`` (a :func:`weights_fingerprint`).
+
+    ``tensors_changed`` is exact (any change of an element changes a tensor's sum or norm, or a sampled
+    element); ``norm_change`` ‖θ−θ₀‖ and ``relative_change`` ‖θ−θ₀‖/‖θ₀‖ are estimated from the sampled
+    elements (each tensor's mean squared change times its size).
+    """
+    changed, sq_change, sq_start = 0, 0.0, 0.0
+    for name, p in trainable.items():
+        s = start[name]
+        flat = p.detach().reshape(-1)
+        delta = flat[:: s["step"]][:SAMPLE_PER_TENSOR].float().cpu() - s["sample"]
+        moved = bool(delta.abs().max() > 0) if delta.numel() else False
+        moved = moved or float(flat.sum(dtype=torch.float64)) != s["sum"]
+        moved = moved or float(torch.linalg.vector_norm(flat, dtype=torch.float64)) != s["norm"]
+        changed += int(moved)
+        if delta.numel():
+            sq_change += float(delta.double().pow(2).mean()) * s["numel"]
+        sq_start += s["norm"] ** 2
+    norm = math.sqrt(sq_change)
+    return {
+        "tensors_changed": changed,
+        "tensors": len(start),
+        "norm_change": norm,
+        "relative_change": norm / math.sqrt(sq_start) if sq_start > 0 else (math.inf if norm else 0.0),
+        "estimate": f"from every k-th element, at most {SAMPLE_PER_TENSOR} per tensor",
+    }

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ckl_toolkit.core.config import ConfigError
-from ckl_toolkit.core.losses import target_mask, token_nll, weighted_loss
+from ckl_toolkit.core.losses import LOSS_CHUNK_TOKENS, target_mask, token_nll, weighted_loss
 from ckl_toolkit.core.ta_model import TrainAttentionModel, load_ta_model, load_ta_tokenizer
 from ckl_toolkit.core.text import Encoded, char_spans, token_mask_for_spans
 from ckl_toolkit.training.rho1 import rho1_loss, rho1_weights
@@ -78,7 +78,7 @@ class Weigher(Protocol):
 
 def uniform_weights(batch: TextBatch) -> torch.Tensor:
     """Ordinary fine-tuning: every real target token counts the same."""
-    return target_mask(batch.enc.attention_mask).float()
+    return target_mask(batch.enc.attention_mask, batch.enc.position_ids).float()
 
 
 def oracle_weights(batch: TextBatch) -> torch.Tensor:
@@ -102,8 +102,8 @@ class TrainAttentionWeights:
     def __call__(self, batch: TextBatch) -> torch.Tensor:
         device = next(self.ta.parameters()).device
         enc = batch.enc.to(device)
-        w = self.ta(enc.input_ids, enc.attention_mask)[:, 1:]  # (B, T-1)
-        return w.float() * target_mask(enc.attention_mask).float()
+        w = self.ta(enc.input_ids, enc.attention_mask, enc.position_ids)[:, 1:]  # (B, T-1)
+        return w.float() * target_mask(enc.attention_mask, enc.position_ids).float()
 
 
 class CrossTokenizerTAWeights:
@@ -134,7 +134,7 @@ class CrossTokenizerTAWeights:
             real = enc["attention_mask"][b].bool()
             src_spans = [tuple(s) for s in enc["offset_mapping"][b][real].tolist()]
             out[b] = align_weights(src_spans, w_phi[b][real], spans, self.reduce)
-        mask = target_mask(batch.enc.attention_mask).float().cpu()
+        mask = target_mask(batch.enc.attention_mask, batch.enc.position_ids).float().cpu()
         return (out[:, 1:] * mask).to(batch.enc.input_ids.device)
 
 
@@ -172,8 +172,11 @@ class Rho1Weigher:
 
     def weights(self, batch: TextBatch, nll: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            ref_nll = token_nll(self.reference, batch.enc.input_ids, batch.enc.attention_mask)  # (B, T-1)
-        mask = target_mask(batch.enc.attention_mask)
+            enc = batch.enc  # the chunked loss: the reference never holds full logits either
+            ref_nll = token_nll(
+                self.reference, enc.input_ids, enc.attention_mask, enc.position_ids, LOSS_CHUNK_TOKENS
+            )  # (B, T-1)
+        mask = target_mask(batch.enc.attention_mask, batch.enc.position_ids)
         return rho1_weights(nll, ref_nll, mask, self.keep_ratio)  # (B, T-1) in {0, 1}
 
     def loss(self, nll: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -98,3 +98,72 @@ def test_epoch_order_is_arrival_a_seeded_shuffle_or_a_mix_review_draw():
     mixed, ratio = epoch_documents(new, pool, 2.0, 0.5, 0, 1, None)
     assert ratio == 1.0 and len(mixed) == len(new) + 6
     assert sum(d.id.startswith("p") for d in mixed) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing isolation: a packed document attends to itself only, so its loss is its loss alone
+
+
+PACKED = [
+    "Ada Lovelace was born in London .",
+    "Alan Turing works for Bletchley Park .",
+    "Grace Hopper lives in New York .",
+]
+
+
+def _per_document_nll(model, batch, chunk: int, isolate: bool = True) -> list[torch.Tensor]:
+    """Each document's per-token NLL (its own targets only), read off the batch's rows in order."""
+    from ckl_toolkit.core.losses import target_mask, token_nll
+
+    with torch.no_grad():
+        positions = batch.position_ids if isolate else None
+        nll = token_nll(model, batch.input_ids, batch.attention_mask, positions, chunk)
+    real = target_mask(batch.attention_mask, batch.position_ids)
+    pos = batch.position_ids if batch.position_ids is not None else batch.attention_mask.cumsum(1) - 1
+    out = []
+    for b in range(nll.size(0)):
+        starts = [t for t in range(pos.size(1)) if pos[b, t] == 0 and batch.attention_mask[b, t]]
+        ends = starts[1:] + [int(batch.attention_mask[b].sum())]
+        out += [nll[b, s : e - 1][real[b, s : e - 1]] for s, e in zip(starts, ends)]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "eager", "lora", "kadapter"])
+def test_a_packed_document_has_the_loss_it_has_alone(tiny_lm_dir, kind):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ckl_toolkit.core.models import LoraSpec, add_lora
+    from ckl_toolkit.training.kadapter import KAdapterConfig, KAdapterModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    torch.manual_seed(0)
+    attn = "eager" if kind == "eager" else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, attn_implementation=attn)
+    if kind == "lora":
+        model = add_lora(model, LoraSpec(r=4))
+    elif kind == "kadapter":
+        model = KAdapterModel(model, KAdapterConfig(adapter_hidden=16, dropout=0.0))
+        torch.nn.init.normal_(model.adapter.fuse_norm.weight, std=0.5)
+    model.eval()
+    docs = [Document(f"p{i}", t, "s", i + 1) for i, t in enumerate(PACKED)]
+    alone = next(batches(docs, tok, 64, 3, pack=False))
+    packed = next(batches(docs, tok, 64, 3, pack=True))
+    assert packed.input_ids.shape[0] == 1 and packed.position_ids is not None  # all three in one row
+    got = _per_document_nll(model, packed, 8)[: len(docs)]
+    want = _per_document_nll(model, alone, 8)
+    for g, w in zip(got, want):
+        # packed: one more target per document (the EOS that ends it); the shared ones are equal
+        torch.testing.assert_close(g[: len(w)], w, rtol=0, atol=1e-5)
+    leaky = _per_document_nll(model, packed, 8, isolate=False)[1]  # without positions B reads A
+    assert not torch.allclose(leaky[: len(want[1])], want[1], atol=1e-3)
+
+
+def test_packed_rows_restart_positions_per_document(tokenizer):
+    batch = next(batches(documents(["abc", "de", "fghij"]), tokenizer, 8, 4, pack=True))
+    # "abc<eos>de<eos>" | "fghij<eos>": positions restart for every document and at each row
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5, 6, 7]]
+    from ckl_toolkit.core.losses import target_mask
+
+    real = target_mask(batch.attention_mask, batch.position_ids)
+    assert real[0].tolist() == [True, True, True, False, True, True, False]  # "d", "f" start documents
+    assert next(batches(documents(["abc"]), tokenizer, 8, 4, pack=False)).position_ids is None

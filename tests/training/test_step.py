@@ -78,7 +78,8 @@ def test_each_rank_takes_every_world_th_row_and_an_empty_rank_a_masked_row(tiny_
     from transformers import AutoTokenizer
 
     batch = _batch(AutoTokenizer.from_pretrained(tiny_lm_dir), n=3)
-    ids, mask, index = rank_rows(batch, 1, 2)
-    assert index == [1] and torch.equal(ids, batch.input_ids[[1]])
-    ids, mask, index = rank_rows(batch, 3, 4)
-    assert index == [] and ids.shape[0] == 1 and mask.sum() == 0  # takes part in collectives at weight 0
+    rows, index = rank_rows(batch, 1, 2)
+    assert index == [1] and torch.equal(rows.input_ids, batch.input_ids[[1]])
+    rows, index = rank_rows(batch, 3, 4)
+    assert index == [] and rows.input_ids.shape[0] == 1
+    assert rows.attention_mask.sum() == 0  # takes part in collectives at weight 0
