@@ -25,6 +25,7 @@ GREY_BG, GREY_FG = (225, 225, 225), (120, 120, 120)  # the first token: no targe
 DARK_TEXT_ABOVE = 0.65  # intensity above which white text reads better than black
 SCALES = ("raw", "minmax")
 TOP_K = 10
+NEAR_FLAT = 0.05  # target weights within this span: colours cannot tell the tokens apart
 RESET = "\x1b[0m"
 
 
@@ -98,6 +99,31 @@ def top_tokens(doc: TokenWeights, k: int = TOP_K) -> list[tuple[int, str, float]
     return [(t, doc[t][0], doc[t][1]) for t in ranked]
 
 
+def weight_range(doc: TokenWeights) -> tuple[float, float]:
+    """(lowest, highest) target weight of a document (NaN, NaN without targets)."""
+    weights = target_weights(doc)
+    return (min(weights), max(weights)) if weights else (math.nan, math.nan)
+
+
+def flatness_note(doc: TokenWeights, scale: str) -> str:
+    """A warning when a document's weights sit in a narrow band (empty otherwise).
+
+    raw: every token shows the same colour, which reads as "all tokens matter equally"; minmax: the
+    stretch turns differences of a few thousandths into white-to-red, which reads as a sharp TA model.
+    """
+    lo, hi = weight_range(doc)
+    if math.isnan(lo) or hi - lo >= NEAR_FLAT:
+        return ""
+    band = f"[{lo:.3f}, {hi:.3f}]"
+    if scale == "raw":
+        return (
+            f"near-flat: every target weight in {band}, so all tokens look alike; --scale minmax stretches it"
+        )
+    return (
+        f"near-flat: weights only span {band} ({hi - lo:.3f}); the min-max colours exaggerate the differences"
+    )
+
+
 def intensities(doc: TokenWeights, scale: str = "raw") -> list[float]:
     """Colour intensity in [0, 1] per token: the raw weight, or min-max stretched over the targets.
 
@@ -135,12 +161,15 @@ def _ansi(piece: str, bg: tuple[int, int, int], fg: tuple[int, int, int]) -> str
     return "\n".join(start + part + RESET if part else "" for part in piece.split("\n"))
 
 
-def _doc_header(i: int, title: str | None, doc: TokenWeights) -> str:
+def _doc_header(i: int, title: str | None, doc: TokenWeights, scale: str = "raw") -> str:
     name = f"Document {i + 1}" + (f": {title}" if title else "")
-    return (
+    lo, hi = weight_range(doc)
+    header = (
         f"── {name} ── {len(doc)} tokens; mean weight {mean_weight(doc):.3f} over "
-        f"{max(len(doc) - 1, 0)} target tokens"
+        f"{max(len(doc) - 1, 0)} target tokens, range {lo:.3f}–{hi:.3f}"
     )
+    note = flatness_note(doc, scale)
+    return header + (f"\n   ! {note}" if note else "")
 
 
 def _top_line(doc: TokenWeights, k: int) -> str:
@@ -176,12 +205,16 @@ def _plain_tokens(doc: TokenWeights) -> str:
 
 
 def _ansi_legend(color: bool, scale: str) -> str:
-    what = "weight" if scale == "raw" else "weight, min-max per document"
     if not color:
-        return f"legend: token[w] = Train-Attention {what}; [--] = first token, no target weight"
+        return "legend: token[w] = Train-Attention weight; [--] = first token, no target weight"
     ramp = "".join(_ansi(" ", blend(i / 19), (0, 0, 0)) for i in range(20))
     first = _ansi(" first ", GREY_BG, GREY_FG)
-    return f"legend: {what} 0 {ramp} 1 (white → red);  {first} = first token, no target weight"
+    ends = (
+        ("weight 0", "1")
+        if scale == "raw"
+        else ("each document's lowest weight", "its highest (header: range)")
+    )
+    return f"legend: {ends[0]} {ramp} {ends[1]} (white → red);  {first} = first token, no target weight"
 
 
 def render_ansi(
@@ -197,7 +230,7 @@ def render_ansi(
     blocks = []
     for i, doc in enumerate(docs):
         body = _ansi_tokens(doc, scale) if color else _plain_tokens(doc)
-        blocks.append("\n".join([_doc_header(i, titles[i], doc), body, _top_line(doc, top_k)]))
+        blocks.append("\n".join([_doc_header(i, titles[i], doc, scale), body, _top_line(doc, top_k)]))
     return "\n\n".join([*blocks, _ansi_legend(color, scale)]) + "\n"
 
 
@@ -237,7 +270,14 @@ def _html_doc(i: int, title: str | None, doc: TokenWeights, scale: str, top_k: i
         f"<li><code>{html.escape(token_label(tok))}</code> {w:.3f} <small>(token {t})</small></li>"
         for t, tok, w in top_tokens(doc, top_k)
     )
-    meta = f"{len(doc)} tokens · mean weight {mean_weight(doc):.3f} over {max(len(doc) - 1, 0)} target tokens"
+    lo, hi = weight_range(doc)
+    meta = (
+        f"{len(doc)} tokens · mean weight {mean_weight(doc):.3f} over {max(len(doc) - 1, 0)} target tokens"
+        f" · range {lo:.3f}–{hi:.3f}"
+    )
+    note = flatness_note(doc, scale)
+    if note:
+        meta += f'</p>\n<p class="meta"><strong>{html.escape(note)}</strong>'
     return (
         f'<section class="doc">\n<h2>{html.escape(name)}</h2>\n<p class="meta">{meta}</p>\n'
         f'<div class="tokens">{spans}</div>\n'
@@ -255,9 +295,11 @@ def render_html(
     """A self-contained page (inline CSS, no scripts): one block per document, a colour legend;
     hovering a token shows its weight."""
     titles = list(titles) if titles is not None else [None] * len(docs)
-    what = "weight" if scale == "raw" else "weight (colour min-max stretched per document)"
+    lo_hi = (
+        ("weight 0", "1") if scale == "raw" else ("each document's lowest weight", "its highest (its range)")
+    )
     legend = (
-        f'<p class="legend">{what}: 0 <span class="bar"></span> 1 &nbsp;·&nbsp; '
+        f'<p class="legend">{lo_hi[0]} <span class="bar"></span> {lo_hi[1]} &nbsp;·&nbsp; '
         '<span class="t first">&nbsp;grey&nbsp;</span> first token: no target weight &nbsp;·&nbsp; '
         "hover a token to see its weight</p>"
     )

@@ -213,9 +213,14 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str =
     return "\n".join(lines)
 
 
-def _bold_best(values: dict[str, str], higher_is_better: bool = True) -> dict[str, str]:
-    """Bold the best formatted value of a column (ties all bold); one method needs no bold."""
-    numeric = {k: float(v) for k, v in values.items() if v != NO_VALUE}
+def _bold_best(
+    values: dict[str, str], higher_is_better: bool = True, exclude: set[str] = frozenset()
+) -> dict[str, str]:
+    """Bold the best formatted value of a column (ties all bold); one method needs no bold.
+
+    ``exclude``: methods whose value does not compete (e.g. an untrained model's number).
+    """
+    numeric = {k: float(v) for k, v in values.items() if v != NO_VALUE and k not in exclude}
     if len(numeric) < 2:
         return values
     best = max(numeric.values()) if higher_is_better else min(numeric.values())
@@ -290,18 +295,45 @@ def _curve_keys(metric: str) -> tuple[str, str]:
     return ("to_learn", "not_to_forget") if metric == "acc" else ("to_learn_em", "not_to_forget_em")
 
 
-def plot_lama_curves(methods: dict[str, dict], path: Path, metric: str, title: str) -> Path:
-    """Two panels side by side: TO-LEARN and NOT-TO-FORGET per epoch, one line per method."""
+def same_as(series: dict[str, list[float]]) -> dict[str, str]:
+    """Method -> the earlier method whose series is exactly the same (plotted on top of each other)."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for name, ys in series.items():
+        key = tuple(ys)
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
+def plot_lama_curves(
+    methods: dict[str, dict], path: Path, metric: str, title: str, counts: tuple = (None, None)
+) -> Path:
+    """Two panels side by side: TO-LEARN and NOT-TO-FORGET per epoch, one line per method.
+
+    A curve identical to an earlier method's is drawn dashed, shifted right by a hair, and labelled
+    "(= other)": it would otherwise hide under the first. ``counts``: probes per panel, in the titles.
+    """
     with _rc():
         fig = _new_figure(12.0, 4.6)
         axes = fig.subplots(1, 2)
         words = METRIC_WORDS[metric]
-        panels = zip(axes, _curve_keys(metric), ("TO-LEARN", "NOT-TO-FORGET"))
-        for ax, key, label in panels:
-            for i, (name, summary) in enumerate(methods.items()):
-                ys = [100 * y for y in summary["curve"][key]]
-                ax.plot(range(len(ys)), ys, label=name, linewidth=1.8, markersize=5, **_style(i))
-            ax.set_title(f"{label} {words} (%) per epoch")
+        panels = zip(axes, _curve_keys(metric), ("TO-LEARN", "NOT-TO-FORGET"), counts)
+        for ax, key, label, n in panels:
+            series = {name: [100 * y for y in s["curve"][key]] for name, s in methods.items()}
+            twins = same_as(series)
+            for i, (name, ys) in enumerate(series.items()):
+                style, shift = _style(i), 0.0
+                if name in twins:  # a hair to the right, dashed, hollow: both stay visible
+                    shift = 0.06 * (1 + list(twins).index(name) % 3)
+                    style = {**style, "linestyle": "--", "markerfacecolor": "none"}
+                xs = [x + shift for x in range(len(ys))]
+                shown = f"{name} (= {twins[name]})" if name in twins else name
+                ax.plot(xs, ys, label=shown, linewidth=1.8, markersize=5, **style)
+            mean_of = f", mean over {n} facts" if n else ""
+            ax.set_title(f"{label} {words} (%) per epoch{mean_of}")
             ax.set_xlabel("epoch (0 = before training)")
             ax.set_ylabel(f"{label} {words} (%)")
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -312,9 +344,25 @@ def plot_lama_curves(methods: dict[str, dict], path: Path, metric: str, title: s
         return save_figure_atomic(fig, path)
 
 
+UNTRAINED = " †"  # marks numbers of epoch 0, i.e. of the untrained model
+
+
 def _lama_rows(methods: dict[str, dict]) -> list[list[str]]:
-    """The paper's columns (x100) plus EM, lr and time; the best of each quality column in bold."""
-    columns = {key: _bold_best({m: pct(s[key]) for m, s in methods.items()}) for key in METRIC_LABELS}
+    """The paper's columns (x100), NOT-TO-FORGET after the last epoch, EM, lr and time.
+
+    The best of each quality column is bold, but a method whose best epoch is 0 learned nothing: its
+    Top / NF / Total numbers are the untrained model's (NF is 100 by construction), marked † and not
+    ranked.
+    """
+    untrained = {m for m, s in methods.items() if s["epoch"] == 0}
+    untrained_em = {m for m, s in methods.items() if s["em_epoch"] == 0}
+    columns = {}
+    for key in METRIC_LABELS:
+        skip = untrained_em if key in ("top_em", "nf_em") else untrained
+        values = _bold_best({m: pct(s[key]) for m, s in methods.items()}, exclude=skip)
+        columns[key] = {m: v + (UNTRAINED if m in skip else "") for m, v in values.items()}
+    for key in ("not_to_forget", "not_to_forget_em"):
+        columns[key] = _bold_best({m: pct(s["curve"][key][-1]) for m, s in methods.items()})
     return [
         [
             f"`{name}`",
@@ -322,9 +370,11 @@ def _lama_rows(methods: dict[str, dict]) -> list[list[str]]:
             str(s["epoch"]),
             columns["nf_acc"][name],
             columns["total"][name],
+            columns["not_to_forget"][name],
             columns["top_em"][name],
             str(s["em_epoch"]),
             columns["nf_em"][name],
+            columns["not_to_forget_em"][name],
             fmt_lr(s.get("lr")),
             fmt_seconds(s.get("seconds")),
         ]
@@ -332,18 +382,31 @@ def _lama_rows(methods: dict[str, dict]) -> list[list[str]]:
     ]
 
 
+def _twins_note(methods: dict[str, dict]) -> list[str]:
+    """A line per method whose every curve equals an earlier method's: the table cannot tell them apart."""
+    curves = {m: [x for key in CURVES for x in s["curve"][key]] for m, s in methods.items()}
+    return [
+        f"- `{name}` has exactly the curves of `{other}`: whatever it changes did not change a single score."
+        for name, other in same_as(curves).items()
+    ]
+
+
 LAMA_HEADERS = (
-    "Method", "Top Acc", "Epoch", "NF Acc", "Total Knowledge",
-    "Top EM", "EM epoch", "NF EM", "lr", "Time (s)",
+    "Method", "Top Acc", "Epoch", "NF Acc", "Total Knowledge", "NF Acc (last)",
+    "Top EM", "EM epoch", "NF EM", "NF EM (last)", "lr", "Time (s)",
 )  # fmt: skip
-LAMA_ALIGN = "lrrrrrrrrr"
+LAMA_ALIGN = "lrrrrrrrrrrr"
 
 LAMA_LEGEND = (
     "All accuracies are percentages (fractions x100, as in the paper). **Top Acc**: best TO-LEARN "
     "object-token accuracy over epochs 0..E; **Epoch**: the epoch it is reached (0 = before training); "
-    "**NF Acc**: NOT-TO-FORGET token accuracy at that epoch; **Total Knowledge** = Top Acc + NF Acc. "
-    "**Top EM / EM epoch / NF EM**: the same for exact match of the whole object. "
-    "Higher is better everywhere; the best value of each column is in bold."
+    "**NF Acc**: NOT-TO-FORGET token accuracy at that epoch; **Total Knowledge** = Top Acc + NF Acc; "
+    "**NF Acc (last)**: NOT-TO-FORGET after the last epoch. "
+    "**Top EM / EM epoch / NF EM / NF EM (last)**: the same for exact match of the whole object. "
+    "Higher is better everywhere; the best value of each column is in bold. **†**: the best epoch is 0, "
+    "the method never beat the untrained model on TO-LEARN, so these are the untrained model's numbers "
+    "(NOT-TO-FORGET is 100 at epoch 0 by construction: it is what the untrained model knows); they are "
+    "not ranked, and NF (last) shows what training did to NOT-TO-FORGET."
 )
 
 
@@ -386,16 +449,26 @@ def write_lama_report(results: dict, out_dir: Path, metric: str) -> list[Path]:
     """report.md with the same-lr table, the optional equal-NF table, data, protocol and plots."""
     title = results.get("title") or "LAMA-ckl"
     words = METRIC_WORDS[metric]
+    data = results.get("data") or {}
+    counts = (data.get("to_learn"), data.get("not_to_forget"))
     written = [
-        plot_lama_curves(results["methods"], out_dir / "curves.png", metric, f"{title}: same learning rate")
+        plot_lama_curves(
+            results["methods"], out_dir / "curves.png", metric, f"{title}: same learning rate", counts
+        )
     ]
     md = [f"# {title}", "", "Benchmark: **LAMA-ckl**.", "", "## Results (same learning rate)", ""]
     md += [md_table(LAMA_HEADERS, _lama_rows(results["methods"]), LAMA_ALIGN), "", LAMA_LEGEND, ""]
+    twins = _twins_note(results["methods"])
+    md += [*twins, ""] if twins else []
     equal = results.get("equal_nf")
     if equal is not None:
         written.append(
             plot_lama_curves(
-                equal["methods"], out_dir / "curves_equal_nf.png", metric, f"{title}: equal NOT-TO-FORGET"
+                equal["methods"],
+                out_dir / "curves_equal_nf.png",
+                metric,
+                f"{title}: equal NOT-TO-FORGET",
+                counts,
             )
         )
         md += ["## Results at equal NOT-TO-FORGET", "", _target_sentence(equal["target"]), ""]
@@ -530,7 +603,8 @@ def plot_period_heatmaps(results: dict, path: Path) -> Path:
         fig = _new_figure(width, height)
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, (name, method) in zip(axes, methods.items()):
-            _heatmap(ax, fig, grids[name], [r["stage"] for r in method["after"]], probe_sets, (vmin, vmax))
+            labels = [_probe_header(method, p) for p in probe_sets]  # "set (n=50)": how many probes
+            _heatmap(ax, fig, grids[name], [r["stage"] for r in method["after"]], labels, (vmin, vmax))
             ax.set_title(name)
         for ax in axes[len(methods) :]:
             ax.set_visible(False)
@@ -558,7 +632,7 @@ def _heatmap(ax, fig, grid: list[list[float]], stages: list[str], probe_sets: li
             dark = not math.isnan(value) and (value - vmin) / (vmax - vmin) > 0.6
             text = NO_VALUE if math.isnan(value) else f"{value:.1f}"
             ax.text(c, r, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
-    ax.set_xticks(range(len(probe_sets)), labels=probe_sets, rotation=30, ha="right")
+    ax.set_xticks(range(len(probe_sets)), labels=list(probe_sets), rotation=30, ha="right")
     ax.set_yticks(range(len(stages)), labels=stages)
     ax.set_xlabel("probe set")
     ax.set_ylabel("stage (after training on)")
@@ -594,19 +668,35 @@ def plot_period_nll(results: dict, path: Path) -> Path:
 
 def _nll_panel(ax, methods: dict[str, dict], probe: str) -> None:
     stages = max(([row["stage"] for row in m["after"]] for m in methods.values()), key=len)
-    for i, (name, method) in enumerate(methods.items()):
-        points = [
+    points = {
+        name: [
             (stages.index(row["stage"]), cell["nll"])
             for row in method["after"]
             if (cell := _probe_cell(row, probe)) is not None and row["stage"] in stages
         ]
-        xs, ys = [x for x, _ in points], [y for _, y in points]
-        ax.plot(xs, ys, label=name, linewidth=1.8, markersize=5, **_style(i))
+        for name, method in methods.items()
+    }
+    twins = same_as({name: [y for _, y in p] for name, p in points.items()})
+    for i, (name, pts) in enumerate(points.items()):
+        style, shift = _style(i), 0.0
+        if name in twins:  # identical to an earlier method: a hair to the right, dashed, hollow
+            shift = 0.04 * (1 + list(twins).index(name) % 3)
+            style = {**style, "linestyle": "--", "markerfacecolor": "none"}
+        shown = f"{name} (= {twins[name]})" if name in twins else name
+        ax.plot(
+            [x + shift for x, _ in pts],
+            [y for _, y in pts],
+            label=shown,
+            linewidth=1.8,
+            markersize=5,
+            **style,
+        )
     prefix = _split_probe(probe)[0]
     if prefix in stages:
         ax.axvline(stages.index(prefix), color="0.5", linestyle=":", linewidth=1.2)
     ax.set_xticks(range(len(stages)), labels=stages)
-    ax.set_title(probe)
+    n = _probe_n(next(iter(methods.values())), probe)
+    ax.set_title(probe if n is None else f"{probe} (mean over {n} probes)")
     ax.set_xlabel("stage (after training on)")
     ax.set_ylabel("object NLL (nats)")
     ax.grid(True, alpha=0.3)

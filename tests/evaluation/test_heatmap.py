@@ -207,3 +207,17 @@ def test_cli_usage_errors(ta_dir, tmp_path, tiny_lm_dir):
     assert weights("--ta", str(ta_dir), "--text", "x", "--file", str(txt)).exit_code == 2
     not_ta = weights("--ta", str(tiny_lm_dir), "--text", "x")
     assert not_ta.exit_code == 1 and "ta_config.json" in not_ta.output
+
+
+def test_a_near_flat_ta_is_called_so_and_minmax_never_claims_0_to_1():
+    flat = [("<bos>", 0.5), ("The", 0.981), (" river", 0.983), (" Seine", 0.984)]
+    raw = render_ansi([flat], color=True, scale="raw")
+    assert "range 0.981–0.984" in raw and "near-flat: every target weight in [0.981, 0.984]" in raw
+    stretched = render_ansi([flat], color=True, scale="minmax")
+    legend = stretched.splitlines()[-1]
+    assert "lowest weight" in legend and " 0 " not in ANSI_RE.sub("", legend).replace("weight 0", "")
+    assert "min-max colours exaggerate" in stretched
+    page = render_html([flat], scale="minmax")
+    assert "lowest weight" in page and "weights only span [0.981, 0.984]" in page
+    sharp = [("<bos>", 0.5), ("The", 0.05), (" river", 0.1), (" Seine", 0.97)]
+    assert "near-flat" not in render_ansi([sharp], color=True) + render_html([sharp])

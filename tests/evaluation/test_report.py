@@ -177,9 +177,10 @@ def test_lama_table_numbers_are_x100(tmp_path):
     # taalm: top 0.45678 at epoch 3, NF at epoch 3, total = sum; EM 0.3333 at epoch 3.
     nf3 = falling(0.91, 0.8512)[3]
     nf_em3 = falling(0.88, 0.8)[3]
+    nf_last, nf_em_last = falling(0.91, 0.8512)[-1], falling(0.88, 0.8)[-1]
     assert table_row(md, "taalm") == [
-        "45.68", "3", f"{100 * nf3:.2f}", f"{100 * (0.45678 + nf3):.2f}", "33.33", "3", f"{100 * nf_em3:.2f}",
-        "0.0003", "187.5",
+        "45.68", "3", f"{100 * nf3:.2f}", f"{100 * (0.45678 + nf3):.2f}", f"{100 * nf_last:.2f}",
+        "33.33", "3", f"{100 * nf_em3:.2f}", f"{100 * nf_em_last:.2f}", "0.0003", "187.5",
     ]  # fmt: skip
     assert table_row(md, "finetune")[:2] == ["31.25", "4"]
     # The best Top Acc is bold, the others are not.
@@ -195,7 +196,7 @@ def test_lama_equal_nf_section_and_context(tmp_path):
     assert "## Results at equal NOT-TO-FORGET" in md
     assert "**NF EM = 88.00**" in md and "`finetune`" in md
     assert table_row(md, "taalm", after="## Results at equal NOT-TO-FORGET")[:2] == ["41.00", "4"]
-    assert table_row(md, "taalm", after="## Results at equal NOT-TO-FORGET")[7] == "0.0002"
+    assert table_row(md, "taalm", after="## Results at equal NOT-TO-FORGET")[9] == "0.0002"
     for text in ("synthetic world runs/demo/world", "200", "300", "task_descriptive", "disjoint pairs"):
         assert text in md
     assert "| `batch_size` | 8 |" in md and "2-core CPU, torch 2.13.0" in md and "1234.5 s" in md
@@ -334,3 +335,59 @@ def test_cli_end_to_end(tmp_path):
 
     bad = CliRunner().invoke(main, ["report", str(run), "--metric", "f1"])
     assert bad.exit_code == 2
+
+
+def test_a_method_that_learned_nothing_is_marked_not_ranked_and_its_twin_is_named(tmp_path):
+    """Epoch 0 = the untrained model: its NOT-TO-FORGET 100 must not be bolded as the best retention."""
+    flat = [0.05] * (EPOCHS + 1)
+    results = lama_results()
+    nothing = summary(flat, [0.0] * (EPOCHS + 1), [1.0] + [0.75] * EPOCHS, [1.0] + [0.7] * EPOCHS, 3e-4, 9.0)
+    results["methods"] = {
+        "finetune": nothing,
+        "taalm": json.loads(json.dumps(nothing)),  # the same curves: the TA weights changed nothing
+        "oracle": summary(rising(0.05, 0.4, 3, 0.39), rising(0.0, 0.3, 3, 0.3), falling(1.0, 0.9),
+                          falling(1.0, 0.85), 3e-4, 9.0),
+    }  # fmt: skip
+    del results["equal_nf"]
+    run = make_run(tmp_path, results)
+    write_report(run)
+    md = (run / "report.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| `finetune` |"))
+    assert "| 100.00 † |" in line and "**100.00" not in line  # marked, not bold
+    assert (
+        table_row(md, "finetune")[1] == "0" and table_row(md, "finetune")[4] == "75.00"
+    )  # NF after training
+    assert "**100.00" not in md and "**140.00" not in md  # no untrained number is ranked best anywhere
+    assert "`taalm` has exactly the curves of `finetune`" in md
+    assert "†" in md.split("## Curves")[0].split("Higher is better")[1]  # the legend explains the mark
+
+
+def test_identical_curves_are_labelled_and_both_drawn(tmp_path):
+    from ckl_toolkit.evaluation.report import same_as
+
+    assert same_as({"a": [1.0, 2.0], "b": [1.0, 3.0], "c": [1.0, 2.0]}) == {"c": "a"}
+    results = lama_results()
+    results["methods"]["rho1"] = json.loads(json.dumps(results["methods"]["finetune"]))
+    run = make_run(tmp_path, results)
+    from ckl_toolkit.evaluation import report
+
+    labels = []
+    real_plot = report._new_figure
+
+    def spy(width, height):
+        fig = real_plot(width, height)
+        labels.append(fig)
+        return fig
+
+    report._new_figure = spy
+    try:
+        write_report(run)
+    finally:
+        report._new_figure = real_plot
+    ax = labels[0].axes[0]
+    names = [line.get_label() for line in ax.get_lines()]
+    assert "rho1 (= finetune)" in names
+    twin = ax.get_lines()[names.index("rho1 (= finetune)")]
+    first = ax.get_lines()[names.index("finetune")]
+    assert list(twin.get_ydata()) == list(first.get_ydata()) and twin.get_xdata()[0] > first.get_xdata()[0]
+    assert "mean over 200 facts" in ax.get_title() and "mean over 300 facts" in labels[0].axes[1].get_title()
