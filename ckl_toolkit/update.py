@@ -239,7 +239,7 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
     summary.planned_steps, summary.planned_tokens = todo.steps, todo.tokens
     summary.recadam = check_schedule(recipe, todo.steps)
     logger.info(
-        "plan %s: %d new documents (+ %d rehearsal pool), %d epochs, %d steps, %d tokens%s",
+        "plan %s: %d new documents (+ %d rehearsal pool), %d epoch(s), %d steps, %d tokens%s",
         plan.run,
         len(plan.new),
         len(plan.pool),
