@@ -331,11 +331,13 @@ def meta_train_cmd(
         return
     if launcher != "none":
         _launch("meta.py", launcher, nproc, recipe, overrides)
+    from ckl_toolkit.core.models import quiet_transformers
     from ckl_toolkit.distributed.process import shutdown
     from ckl_toolkit.meta import meta_train
 
     try:
-        out = meta_train(r)
+        with quiet_transformers():  # φ's trunk drops the LM head and later layers: no load report
+            out = meta_train(r)
     except ConfigError as e:
         _fail(e)
     finally:

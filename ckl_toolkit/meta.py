@@ -222,7 +222,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
     mine = episode_slice(recipe.batch_size, ctx.rank, ctx.world)  # this rank's episodes of every meta-batch
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="meta-train",
                disable=not (recipe.progress and ctx.is_main))  # fmt: skip
-    t0 = time.perf_counter()
+    t0, tokens = time.perf_counter(), 0  # tokens: this rank's documents and tasks since the (re)start
     for step in bar:
         rows = [pairs[i] for i in episode_indices(len(pairs), recipe.batch_size, step, recipe.seed)]
         batch = make_episode_batch(tokenizer, rows, recipe.data.max_length, recipe.data.task_max_length)
@@ -230,6 +230,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
             require_task_objects(batch, rows, recipe.data.task_max_length)
         batch = batch.rows(mine)
         res = meta_step(engine, base, params, batch, recipe.meta)  # φ(D), dL/dw, φ's step
+        tokens += int(batch.doc_mask.sum()) + int(batch.task_mask.sum())
 
         done = step + 1
         if done % recipe.log_every == 0 or done == recipe.steps:
@@ -239,8 +240,9 @@ def meta_train(recipe: MetaRecipe) -> Path:
                 if ctx.is_main:
                     record.update(validate(full, recipe.base, val_rows, recipe))
             metrics.log(**record)
+            speed = tokens / (time.perf_counter() - t0)  # tokens/s of this process, documents and tasks
             bar.set_postfix(outer=f"{record['outer_loss']:.3f}", w_obj=f"{record['w_object']:.2f}",
-                            w_oth=f"{record['w_other']:.2f}")  # fmt: skip
+                            w_oth=f"{record['w_other']:.2f}", tok_s=f"{speed:.0f}")  # fmt: skip
         if done == recipe.steps or (recipe.save_every and done % recipe.save_every == 0):
             save_run_checkpoint(run_dir, done, engine, ta, tokenizer, recipe)
 

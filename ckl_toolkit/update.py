@@ -413,7 +413,10 @@ def setup_logging(output_dir: str) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()  # load reports of frozen parts are not news
+    if os.environ.get("CKL_VERBOSE") != "1":
+        transformers.utils.logging.set_verbosity_error()  # load reports and deprecation notes are not news
+    if not torch.cuda.is_available():  # DeepSpeed would fall back to CPU anyway, with a warning per import
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     log_dir = Path(output_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,4 +1,4 @@
-"""``ckl data temporalwiki``: meta pairs from the 0801-0901 changed triples, disjoint from evaluated periods."""
+"""``ckl data temporalwiki``: meta pairs from the 0801-0901 changed triples, disjoint from evaluated sets."""
 
 from __future__ import annotations
 
