@@ -237,6 +237,7 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
     # --- the work the plan means: steps and tokens over all epochs; a RecAdam schedule must let it learn
     todo = planned_work(recipe, plan, load_tokenizer(recipe.target.path))
     summary.planned_steps, summary.planned_tokens = todo.steps, todo.tokens
+    summary.stream = {**summary.stream, "tokens": todo.new_tokens}  # the new documents' tokens, one pass
     summary.recadam = check_schedule(recipe, todo.steps)
     logger.info(
         "plan %s: %d new documents (+ %d rehearsal pool), %d epoch(s), %d steps, %d tokens%s",
@@ -452,7 +453,8 @@ def describe_run(resolved: dict) -> str:
     rt = resolved["runtime"]
     lines = [
         f"served version: {resolved['served_version'] or 'none (the first run starts from target.path)'}",
-        f"documents: {docs['new']} new (rehearsal pool {docs['rehearsal_pool']}); stream {docs['stream']}",
+        f"documents: {docs['new']} new, {docs['tokens']} tokens (rehearsal pool {docs['rehearsal_pool']}); "
+        f"stream {docs['stream']}",
         f"planned: {w['steps']} optimizer steps, {w['tokens']} tokens, rows per epoch {w['rows']}",
         f"runtime: {rt['device']}, backend {rt['backend']}, {rt['threads']} threads",
     ]

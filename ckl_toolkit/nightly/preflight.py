@@ -47,11 +47,13 @@ def check_paths(recipe: UpdateRecipe) -> None:
 
 @dataclass
 class Work:
-    """What a run will do: optimizer steps and real tokens over all its epochs, rows per epoch."""
+    """What a run will do: optimizer steps and real tokens over all its epochs, rows per epoch, and the
+    tokens of its new documents (one pass, no rehearsal: what the stream brought)."""
 
     steps: int
     tokens: int
     rows: list[int]
+    new_tokens: int
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,7 +67,8 @@ def planned_work(recipe: UpdateRecipe, plan: Plan, tokenizer) -> Work:
         n_rows, n_tokens = count_rows(docs, tokenizer, b.max_length, b.pack)
         steps, tokens = steps + math.ceil(n_rows / b.batch_size), tokens + n_tokens
         rows.append(n_rows)
-    return Work(steps, tokens, rows)
+    _, new_tokens = count_rows(plan.new, tokenizer, b.max_length, pack=False)
+    return Work(steps, tokens, rows, new_tokens)
 
 
 def check_schedule(recipe: UpdateRecipe, steps: int) -> dict | None:
@@ -223,7 +226,12 @@ def resolve_run(recipe: UpdateRecipe, loss_chunk: int) -> dict:
         plan = collect_plan(stream, pool, ledger, version, "dry-run", "", data.max_documents, oracle)
     work = planned_work(recipe, plan, load_tokenizer(recipe.target.path))
     out["served_version"] = version.name if version else None
-    out["documents"] = {"new": len(plan.new), "rehearsal_pool": len(plan.pool), "stream": plan.stream_stats}
+    out["documents"] = {
+        "new": len(plan.new),
+        "tokens": work.new_tokens,
+        "rehearsal_pool": len(plan.pool),
+        "stream": plan.stream_stats,
+    }
     out["work"] = work.to_dict()
     out["recadam"] = check_schedule(recipe, work.steps)
     out["memory_estimate"] = estimate_memory(recipe, loss_chunk)
