@@ -52,8 +52,9 @@ def model_inputs(
     """Keyword arguments of an HF forward: packed rows pass their positions and no 2D mask.
 
     Transformers then builds a causal mask that keeps each document to itself (its "packed sequence"
-    format, as HF's flattening collator uses); padding sits at the end of a row, after every real
-    token, so a causal mask never lets a real token see it.
+    format, as HF's flattening collator uses) -- only when no KV cache is passed: call with
+    ``use_cache=False``. Padding sits at the end of a row, after every real token, so a causal mask
+    never lets a real token see it.
     """
     if position_ids is None:
         return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -48,6 +48,8 @@ class TrainAttentionModel(nn.Module):
         ``position_ids`` (packed rows, restarting at 0 per document) keep each document to itself.
         """
         inputs = model_inputs(input_ids, attention_mask, position_ids)
+        if position_ids is not None:  # transformers reads packed positions only without a KV cache
+            inputs["use_cache"] = False
         hidden = self.trunk(**inputs).last_hidden_state  # (B, T, H)
         return torch.sigmoid(self.head(hidden.to(self.head.weight.dtype)).squeeze(-1))  # (B, T)
 

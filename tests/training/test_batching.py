@@ -167,3 +167,33 @@ def test_packed_rows_restart_positions_per_document(tokenizer):
     real = target_mask(batch.attention_mask, batch.position_ids)
     assert real[0].tolist() == [True, True, True, False, True, True, False]  # "d", "f" start documents
     assert next(batches(documents(["abc"]), tokenizer, 8, 4, pack=False)).position_ids is None
+
+
+def test_train_attention_weights_of_a_packed_document_are_its_weights_alone(tiny_lm_dir):
+    from transformers import AutoTokenizer
+
+    from ckl_toolkit.core.ta_model import build_ta_model
+    from ckl_toolkit.core.text import Encoded
+    from ckl_toolkit.training.weighers import TextBatch, TrainAttentionWeights
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    torch.manual_seed(0)
+    ta = build_ta_model(tiny_lm_dir)
+    torch.nn.init.normal_(ta.head.weight, std=1.0)  # weights that depend on the context
+    weigh = TrainAttentionWeights(ta)
+    docs = [Document(f"p{i}", t, "s", i + 1) for i, t in enumerate(PACKED)]
+
+    def per_document(batch) -> list[torch.Tensor]:
+        w = weigh(TextBatch(Encoded(batch.input_ids, batch.attention_mask, [], batch.position_ids), []))
+        pos = batch.position_ids if batch.position_ids is not None else batch.attention_mask.cumsum(1) - 1
+        out = []
+        for b in range(w.size(0)):
+            n = int(batch.attention_mask[b].sum())
+            starts = [t for t in range(n) if pos[b, t] == 0] + [n]
+            out += [w[b, s : e - 1] for s, e in zip(starts, starts[1:])]  # targets of each document
+        return out
+
+    alone = per_document(next(batches(docs, tok, 64, 3, pack=False)))
+    packed = per_document(next(batches(docs, tok, 64, 3, pack=True)))
+    for a, p in zip(alone, packed):
+        torch.testing.assert_close(p[: len(a)], a, rtol=0, atol=1e-5)
