@@ -308,6 +308,15 @@ def same_as(series: dict[str, list[float]]) -> dict[str, str]:
     return out
 
 
+def _line_style(i: int, name: str, twins: dict[str, str], step: float) -> tuple[dict, float, str]:
+    """(style, x shift, label) of the i-th method's line; a twin of an earlier line (``same_as``) is
+    drawn dashed and hollow, a hair to the right, and labelled "(= other)", so both stay visible."""
+    if name not in twins:
+        return _style(i), 0.0, name
+    shift = step * (1 + list(twins).index(name) % 3)
+    return {**_style(i), "linestyle": "--", "markerfacecolor": "none"}, shift, f"{name} (= {twins[name]})"
+
+
 def plot_lama_curves(
     methods: dict[str, dict], path: Path, metric: str, title: str, counts: tuple = (None, None)
 ) -> Path:
@@ -325,13 +334,10 @@ def plot_lama_curves(
             series = {name: [100 * y for y in s["curve"][key]] for name, s in methods.items()}
             twins = same_as(series)
             for i, (name, ys) in enumerate(series.items()):
-                style, shift = _style(i), 0.0
-                if name in twins:  # a hair to the right, dashed, hollow: both stay visible
-                    shift = 0.06 * (1 + list(twins).index(name) % 3)
-                    style = {**style, "linestyle": "--", "markerfacecolor": "none"}
-                xs = [x + shift for x in range(len(ys))]
-                shown = f"{name} (= {twins[name]})" if name in twins else name
-                ax.plot(xs, ys, label=shown, linewidth=1.8, markersize=5, **style)
+                style, shift, shown = _line_style(i, name, twins, 0.06)
+                ax.plot(
+                    [x + shift for x in range(len(ys))], ys, label=shown, linewidth=1.8, markersize=5, **style
+                )
             mean_of = f", mean over {n} facts" if n else ""
             ax.set_title(f"{label} {words} (%) per epoch{mean_of}")
             ax.set_xlabel("epoch (0 = before training)")
@@ -678,11 +684,7 @@ def _nll_panel(ax, methods: dict[str, dict], probe: str) -> None:
     }
     twins = same_as({name: [y for _, y in p] for name, p in points.items()})
     for i, (name, pts) in enumerate(points.items()):
-        style, shift = _style(i), 0.0
-        if name in twins:  # identical to an earlier method: a hair to the right, dashed, hollow
-            shift = 0.04 * (1 + list(twins).index(name) % 3)
-            style = {**style, "linestyle": "--", "markerfacecolor": "none"}
-        shown = f"{name} (= {twins[name]})" if name in twins else name
+        style, shift, shown = _line_style(i, name, twins, 0.04)
         ax.plot(
             [x + shift for x, _ in pts],
             [y for _, y in pts],
