@@ -23,6 +23,7 @@ if not __package__:  # run as a script: sys.path[0] is ckl_toolkit/, whose subpa
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import functools
 import json
 import logging
 import signal
@@ -333,7 +334,7 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
 
     # --- publish: a complete version appears by rename; only then does `current` move
     meta = {"target_kind": recipe.target.kind, "recipe_hash": run_hash(recipe)}
-    card = lambda tmp: model_card(recipe, plan, summary, tmp)  # noqa: E731
+    card = functools.partial(model_card, recipe, plan, summary)  # README.md of the version
     new_version = publish(
         out,
         engine,
