@@ -8,6 +8,8 @@ peak resident set (``ru_maxrss``) is its own:
     full_logits     loss_chunk=0: the model's own forward, full (B, T, V) fp32 logits (the path before)
     chunked         loss_chunk=1024: LM head + cross-entropy over 1,024 targets at a time
     *_gc            target.gradient_checkpointing=true: each layer's activations recomputed in backward
+    *_glibc         glibc's default allocator policy: freed activations stay resident (the process
+                    before; the others call ``core.memory.return_freed_memory`` as ``ckl`` does)
 
 Rows are the headline stream (TemporalWiki 0901-1001 changed triples rendered as sentences, packed),
 so every row is full. tokens/s = real tokens per second of the steps after the first (the first pays
@@ -33,16 +35,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {  # name -> (loss_chunk, gradient_checkpointing, rows per batch)
-    "full_logits_b4": (0, False, 4),
-    "chunked_b4": (1024, False, 4),
-    "full_logits_gc_b4": (0, True, 4),
-    "chunked_gc_b4": (1024, True, 4),
-    "chunked_b16": (1024, False, 16),
-    "chunked_gc_b16": (1024, True, 16),
-    "full_logits_b16": (0, False, 16),  # today's path at the headline batch: ~12.5 GB, opt-in only
+CONFIGS = {  # name -> (loss_chunk, gradient_checkpointing, rows per batch, freed memory returned)
+    "full_logits_glibc_b4": (0, False, 4, False),  # the path before, at a batch that fits
+    "chunked_b4": (1024, False, 4, True),
+    "chunked_gc_b4": (1024, True, 4, True),
+    "full_logits_gc_b16": (0, True, 16, True),
+    "chunked_gc_glibc_b16": (1024, True, 16, False),
+    "chunked_gc_b16": (1024, True, 16, True),  # the headline recipe's step
+    "full_logits_glibc_b16": (0, False, 16, False),  # the path before at 16 x 256: ~12.5 GB, opt-in only
 }
-DEFAULT = ["full_logits_b4", "chunked_b4", "full_logits_gc_b4", "chunked_gc_b4", "chunked_gc_b16"]
+DEFAULT = [
+    "full_logits_glibc_b4",
+    "chunked_b4",
+    "chunked_gc_b4",
+    "full_logits_gc_b16",
+    "chunked_gc_glibc_b16",
+    "chunked_gc_b16",
+]
 STREAM = ROOT.parent / "shared/data/temporalwiki/0901-1001_changed.jsonl"
 SENTENCE = "The {relation} of {subject} is {object}."
 
@@ -72,6 +81,7 @@ def child(args: argparse.Namespace) -> dict:
     """One configuration in this process: build the headline learner, run ``args.steps`` steps."""
     import torch
 
+    from ckl_toolkit.core.memory import return_freed_memory
     from ckl_toolkit.core.ta_model import build_ta_model, save_ta_model
     from ckl_toolkit.training.batching import batches
     from ckl_toolkit.training.learner import build_learner
@@ -79,7 +89,9 @@ def child(args: argparse.Namespace) -> dict:
     from ckl_toolkit.training.step import NonFiniteGuard, weighted_step
 
     torch.set_num_threads(args.threads)
-    chunk, gc, rows = CONFIGS[args.child]
+    chunk, gc, rows, give_back = CONFIGS[args.child]
+    if give_back:
+        return_freed_memory()
     ta = args.ta
     if ta is None:  # an untrained 4-layer TA of the same shape (its weights do not change the cost)
         from transformers import AutoTokenizer
@@ -111,6 +123,7 @@ def child(args: argparse.Namespace) -> dict:
         "config": args.child,
         "loss_chunk": chunk,
         "gradient_checkpointing": gc,
+        "freed_memory_returned": give_back,
         "batch": f"{rows}x256",
         "steps": args.steps,
         "step_seconds": [round(x, 2) for x in times],

@@ -91,10 +91,22 @@ def _apply(obj, overrides: tuple[str, ...], section: str):
 # ----------------------------------------------------------------------------- the group and the demo
 
 
+# Commands that load models: known library noise is silenced for them (CKL_VERBOSE=1 shows it).
+MODEL_COMMANDS = {"demo", "pretrain", "meta-train", "update", "eval", "score", "export", "weights"}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckl-toolkit")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """ckl-toolkit: keep language models current with Train-Attention (TAALM)."""
+    from ckl_toolkit.core.memory import return_freed_memory
+
+    return_freed_memory()  # every job: freed tensors go back to the OS instead of glibc's pools
+    if ctx.invoked_subcommand in MODEL_COMMANDS:
+        from ckl_toolkit.core.models import silence_known_noise
+
+        silence_known_noise()
 
 
 @main.command()

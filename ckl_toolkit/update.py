@@ -37,7 +37,8 @@ from ckl_toolkit.core.checkpoint import latest_checkpoint
 from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, to_yaml
 from ckl_toolkit.core.io import MetricsLogger, write_text_atomic
 from ckl_toolkit.core.losses import LOSS_CHUNK_TOKENS
-from ckl_toolkit.core.models import load_tokenizer
+from ckl_toolkit.core.memory import return_freed_memory
+from ckl_toolkit.core.models import load_tokenizer, silence_known_noise
 from ckl_toolkit.distributed.ds_config import model_hidden_size
 from ckl_toolkit.distributed.process import (
     DistContext,
@@ -168,6 +169,7 @@ def update(recipe: UpdateRecipe) -> RunSummary:
         LockedError, DivergenceError, ConfigError, StreamError, KeyboardInterrupt: see ExitCode.
     """
     check_target_runtime(recipe.target)
+    return_freed_memory()  # freed activations leave the resident set (core.memory)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     ctx = join_ranks(recipe)
@@ -412,13 +414,7 @@ def check_moved(summary: RunSummary, recipe: UpdateRecipe) -> None:
 
 def setup_logging(output_dir: str) -> None:
     """Log to stderr and to output_dir/logs/update.log (the run log cron keeps); quiet HF bars and reports."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    if os.environ.get("CKL_VERBOSE") != "1":
-        transformers.utils.logging.set_verbosity_error()  # load reports and deprecation notes are not news
-    if not torch.cuda.is_available():  # DeepSpeed would fall back to CPU anyway, with a warning per import
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    silence_known_noise()
     log_dir = Path(output_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,6 +69,21 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def silence_known_noise() -> None:
+    """Known noise off for this process unless CKL_VERBOSE=1: transformers' load reports, progress bars
+    and deprecation FutureWarnings (peft's too), and DeepSpeed's "Setting accelerator to CPU" warning
+    at every import on a machine without CUDA (it would choose the CPU anyway)."""
+    if os.environ.get("CKL_VERBOSE") == "1":
+        return
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\..*)?$")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def load_causal_lm(spec: ModelSpec, field_name: str = "base.path") -> nn.Module:

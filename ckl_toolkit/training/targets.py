@@ -138,10 +138,18 @@ def build_target(spec: TargetSpec, version: Path | None, seed: int) -> Target:
             load_adapter(base, adapter) if adapter is not None else KAdapterModel(base, spec.kadapter.build())
         )
     if spec.gradient_checkpointing and spec.kind != "kadapter":  # K-Adapter: the frozen base keeps nothing
-        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     started = str(version) if version is not None else spec.path
     return Target(model, tokenizer, spec, started)
+
+
+def enable_checkpointing(hf: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers 5 names it so)."""
+    kwargs = {"use_reentrant": False}  # reentrant checkpointing would need inputs that require grad
+    if hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def check_version_kind(version: Path | None, spec: TargetSpec) -> None:
