@@ -141,8 +141,10 @@ def estimate_memory(recipe: UpdateRecipe, loss_chunk: int) -> dict | None:
     trainable = {"full": params, "lora": 0, "qlora": 0, "kadapter": 0}[t.kind]
     if t.kind in ("lora", "qlora"):
         trainable = lora_parameters(shapes, t.lora.r, t.lora.target_modules)
-    elif t.kind == "kadapter":
-        trainable = 3 * 12 * t.kadapter.adapter_hidden**2 * t.kadapter.block_layers + 4 * hidden * 128
+    elif t.kind == "kadapter":  # per adapter: down/up projections + block_layers transformer layers
+        k, width = t.kadapter, t.kadapter.adapter_hidden
+        adapters = len(k.layers) if k.layers else len({0, layers // 2, layers - 1})
+        trainable = adapters * (2 * hidden * width + k.block_layers * 12 * width**2) + 2 * hidden
     per_param = 4 * (3 + (recipe.optim.name == "recadam"))  # grad, m, v (+ anchor), fp32
     per_param += 4 * (t.kind != "full")  # adapters are not in the base's weights
     tokens = recipe.batching.batch_size * recipe.batching.max_length
