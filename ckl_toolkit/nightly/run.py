@@ -190,7 +190,7 @@ def model_card(recipe, plan: Plan, summary: RunSummary, version_dir: Path) -> No
         r = summary.recadam
         schedule = f", RecAdam γ={o.recadam.gamma:g}, λ(t) {r['lambda_first']:.3g} → {r['lambda_last']:.3g}"
     moved = summary.weights_moved or {}
-    streams = ", ".join(recipe.data.stream.paths)
+    streams = ", ".join(os.path.abspath(p) for p in recipe.data.stream.paths)
     lines = [
         "# A ckl-toolkit nightly update",
         "",
