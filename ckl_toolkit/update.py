@@ -44,7 +44,7 @@ from ckl_toolkit.distributed.process import (
     shutdown,
 )
 from ckl_toolkit.nightly.config import UpdateRecipe
-from ckl_toolkit.nightly.contract import ExitCode, LockedError, RunLock, current_version, exit_code_for
+from ckl_toolkit.nightly.contract import ExitCode, LockedError, RunLock, exit_code_for, reconcile
 from ckl_toolkit.nightly.ledger import DocumentLedger
 from ckl_toolkit.nightly.plan import collect_plan, load_plan, new_run_id
 from ckl_toolkit.nightly.run import (
@@ -191,7 +191,10 @@ def step_record(state: UpdateState, run: str, epoch: int, result: StepResult, en
 def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: StopFlag) -> RunSummary:
     t_start, work = time.perf_counter(), out / "work"
     metrics = MetricsLogger(out / "metrics.jsonl" if ctx.is_main else None)
-    version = current_version(out)  # the served model: this run continues from it
+    # A publish killed half-way is finished first (its complete version adopted, pointers agreeing).
+    version = reconcile(out) if ctx.is_main else None
+    version = broadcast_object(ctx, str(version) if version else None)
+    version = Path(version) if version else None  # the served model: this run continues from it
     check_version_kind(version, recipe.target)
     plan, ledger = plan_run(recipe, out, ctx, version)
     summary = RunSummary.of_plan(plan)

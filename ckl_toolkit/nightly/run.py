@@ -155,7 +155,8 @@ def publish(
                 (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
                 write_json_atomic(tmp / "summary.json", summary.to_dict())
 
-            meta = {"period": plan.period, "run": plan.run, "documents": len(plan.new), **version_meta}
+            meta = {"period": plan.period, "run": plan.run, "base_version": plan.base_version}
+            meta.update(documents=len(plan.new), **version_meta)
             version = publish_version(output_dir, build, keep_last=keep_versions, meta=meta)
     engine.barrier()
     return version
