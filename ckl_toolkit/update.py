@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from ckl_toolkit.core.checkpoint import latest_checkpoint
 from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, to_yaml
@@ -171,9 +172,11 @@ def plan_run(recipe: UpdateRecipe, out: Path, ctx: DistContext, version: Path | 
     if ctx.is_main and plan is None:
         finish_work(work)  # a stale run (other base version or recipe) is dropped; nothing of it was served
         oracle_field = recipe.weights.object_field if recipe.weights.method == "oracle" else None
-        data = recipe.data
-        plan = collect_plan(data.stream, data.pool if recipe.mix_review.mix_ratio > 0 else None, ledger,
-                            version, new_run_id(), key, data.max_documents, oracle_field)  # fmt: skip
+        data, pool = recipe.data, recipe.data.pool if recipe.mix_review.mix_ratio > 0 else None
+        tokenizer = AutoTokenizer.from_pretrained(recipe.target.path)  # what cannot be tokenised is bad input
+        plan = collect_plan(
+            data.stream, pool, ledger, version, new_run_id(), key, data.max_documents, oracle_field, tokenizer
+        )
         plan.save(work)
         write_text_atomic(work / "recipe.yaml", to_yaml(recipe))
     return broadcast_object(ctx, plan), ledger
