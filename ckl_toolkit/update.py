@@ -53,8 +53,8 @@ from ckl_toolkit.nightly.contract import (
     LockedError,
     NotLearnedError,
     RunLock,
-    current_version,
     exit_code_for,
+    reconcile,
 )
 from ckl_toolkit.nightly.ledger import DocumentLedger
 from ckl_toolkit.nightly.plan import collect_plan, load_plan, new_run_id
@@ -195,9 +195,11 @@ def plan_run(recipe: UpdateRecipe, out: Path, ctx: DistContext, version: Path | 
     if ctx.is_main and plan is None:
         finish_work(work)  # a stale run (other base version or recipe) is dropped; nothing of it was served
         oracle_field = recipe.weights.object_field if recipe.weights.method == "oracle" else None
-        data = recipe.data
-        plan = collect_plan(data.stream, data.pool if recipe.mix_review.mix_ratio > 0 else None, ledger,
-                            version, new_run_id(), key, data.max_documents, oracle_field)  # fmt: skip
+        data, pool = recipe.data, recipe.data.pool if recipe.mix_review.mix_ratio > 0 else None
+        tokenizer = load_tokenizer(recipe.target.path)  # what it cannot tokenise is bad input
+        plan = collect_plan(
+            data.stream, pool, ledger, version, new_run_id(), key, data.max_documents, oracle_field, tokenizer
+        )
         plan.save(work)
         write_text_atomic(work / "recipe.yaml", to_yaml(recipe))
     return broadcast_object(ctx, plan), ledger
@@ -215,7 +217,10 @@ def step_record(state: UpdateState, run: str, epoch: int, result: StepResult, en
 def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: StopFlag) -> RunSummary:
     t_start, work = time.perf_counter(), out / "work"
     metrics = MetricsLogger(out / "metrics.jsonl" if ctx.is_main else None)
-    version = current_version(out)  # the served model: this run continues from it
+    # A publish killed half-way is finished first (its complete version adopted, pointers agreeing).
+    version = reconcile(out) if ctx.is_main else None
+    version = broadcast_object(ctx, str(version) if version else None)
+    version = Path(version) if version else None  # the served model: this run continues from it
     logger.info(
         "update start: output %s, served version %s, recipe %s, pid %d",
         out,

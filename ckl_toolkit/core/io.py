@@ -25,11 +25,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def shared_mode() -> int:
-    """0o666 minus the umask: the mode ``open()`` would give (mkstemp's temporaries are 0o600)."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def shared_mode() -> int:
+    """0o666 minus the umask: the mode ``open()`` would give (mkstemp's temporaries are 0o600)."""
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -72,6 +76,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would hide a version from a server run by another user
     try:
         yield tmp
         if final.exists():
@@ -102,6 +107,8 @@ def parse_json_object(line: str) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise JsonlError(f"invalid JSON ({e.msg})") from None
+    except RecursionError:  # json nests by recursion: a very deep array or object cannot be read
+        raise JsonlError("invalid JSON (nested too deeply to read)") from None
     if not isinstance(obj, dict):
         raise JsonlError(f"expected a JSON object, got {type(obj).__name__}")
     return obj

@@ -31,8 +31,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from ckl_toolkit.core.errors import DivergenceError
 from ckl_toolkit.core.io import _fsync_dir, atomic_dir, write_json_atomic
-from ckl_toolkit.training.step import DivergenceError
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,7 @@ def set_current(output_dir: str | os.PathLike, version: str | os.PathLike) -> Pa
         raise FileNotFoundError(f"{target}: no such version")
     rel = os.path.join("versions", name)
     write_json_atomic(output_dir / "current.json", {"version": name, "path": rel})
+    fault_point("current_json_written")
     tmp = output_dir / f".current.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -197,12 +198,14 @@ def set_current(output_dir: str | os.PathLike, version: str | os.PathLike) -> Pa
     except (OSError, NotImplementedError) as e:  # no symlinks here: current.json is the pointer
         logger.warning("cannot create symlinks in %s (%s); current.json is the pointer", output_dir, e)
         return target
+    fault_point("symlink_staged")
     try:
         os.replace(tmp, output_dir / "current")  # rename(2) over the old link: readers see old or new
     except OSError:
         tmp.unlink()  # e.g. `current` is a real directory someone made: refuse, leave no litter
         raise
     _fsync_dir(output_dir)
+    fault_point("current_moved")
     return target
 
 
@@ -230,25 +233,31 @@ def publish_version(
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last: must be >= 1 or None, got {keep_last}")
     root = Path(output_dir) / "versions"
-    _clear_stale(root)
+    _clear_stale(Path(output_dir))
     existing = list_versions(output_dir)
     number = int(VERSION_DIR.match(existing[-1].name).group(1)) + 1 if existing else 1
     final = root / f"v{number:06d}"
     with atomic_dir(final) as tmp:
         build_fn(tmp)
         write_json_atomic(tmp / "version.json", {"version": final.name, "created": _now(), **(meta or {})})
+        fault_point("version_built")
+    fault_point("version_renamed")
     set_current(output_dir, final)
     if keep_last is not None:
         prune_versions(output_dir, keep_last)
     return final
 
 
-def _clear_stale(root: Path) -> None:
-    """Remove temp and trash dirs left by killed runs (their names are hidden)."""
+def _clear_stale(output_dir: Path) -> None:
+    """Remove what killed runs left half-done: temp and trash version dirs, staged symlinks (all hidden)."""
+    root = output_dir / "versions"
     if root.is_dir():
         for p in root.iterdir():
             if p.name.startswith(".v") and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+    for p in output_dir.glob(".current.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def prune_versions(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -263,6 +272,7 @@ def prune_versions(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     for p in doomed:
         trash = p.with_name(f".{p.name}.trash")
         os.replace(p, trash)  # out of sight in one step, so no half-deleted version looks complete
+        fault_point("pruning")
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
@@ -271,3 +281,69 @@ def _json_target(output_dir: Path) -> Path | None:
     with contextlib.suppress(OSError, ValueError, KeyError):
         return output_dir / json.loads((output_dir / "current.json").read_text(encoding="utf-8"))["path"]
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconciling a publish that was killed half-way.
+
+REJECTED = "rejected.json"  # a version the operator (or the gate) refused: never served automatically
+
+
+def _pointer_targets(output_dir: Path) -> tuple[Path | None, Path | None]:
+    """(the ``current`` symlink's version, ``current.json``'s version), each None when absent or broken."""
+    link = output_dir / "current"
+    linked = output_dir / os.readlink(link) if link.is_symlink() else None
+    pointed = _json_target(output_dir)
+    return (linked if linked and linked.is_dir() else None), (
+        pointed if pointed and pointed.is_dir() else None
+    )
+
+
+def _built_on(version: Path) -> str | None | bool:
+    """The version a version was trained on top of (None: the original model); False if not recorded."""
+    try:
+        meta = json.loads((version / "version.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return meta.get("base_version", False)
+
+
+def reconcile(output_dir: str | os.PathLike) -> Path | None:
+    """Finish whatever a killed publish left half-done; return the served version. Idempotent.
+
+    A publish is: build a version in a hidden temp dir, rename it to ``versions/vN``, write
+    ``current.json``, move the ``current`` symlink, prune old versions. Killed anywhere in between,
+    this brings the output directory to the state the publish was heading for:
+
+    - hidden temp / trash dirs and staged symlinks are removed;
+    - a complete version that was built on top of the served one but never served (killed after
+      its rename) is adopted rather than trained again;
+    - ``current`` and ``current.json`` are made to agree (on a complete version).
+
+    Call it under :class:`RunLock` at the start of every run, so even a run with nothing to learn
+    leaves a consistent ``current``.
+    """
+    output_dir = Path(output_dir)
+    _clear_stale(output_dir)
+    versions = [v for v in list_versions(output_dir) if not (v / REJECTED).exists()]
+    linked, pointed = _pointer_targets(output_dir)
+    served = linked or pointed  # the symlink is what servers read
+    newest = versions[-1] if versions else None
+    if newest is not None and newest != served:
+        base = _built_on(newest)
+        if base is not False and base == (served.name if served else None):
+            logger.warning(
+                "adopting %s: it was published complete by a run killed before `current` moved", newest.name
+            )
+            served = newest
+        elif served is None:
+            served = newest  # pointers lost: the newest complete version is the best guess
+    if served is not None and (linked != served or pointed != served):
+        set_current(output_dir, served)
+    return served
+
+
+def fault_point(name: str) -> None:
+    """Tests kill the process here when ``CKL_TEST_FAULT`` names this point (a SIGKILL, no cleanup)."""
+    if os.environ.get("CKL_TEST_FAULT") == name:
+        os._exit(137)

@@ -79,6 +79,7 @@ def collect_plan(
     recipe_hash: str,
     max_documents: int = 0,
     object_field: str | None = None,
+    tokenizer=None,
 ) -> Plan:
     """One pass over the stream: the unseen documents (at most ``max_documents``), and the pool.
 
@@ -86,6 +87,8 @@ def collect_plan(
 
     Args:
         object_field: when set (oracle weights), every document (and pool document) must carry it.
+        tokenizer: when given, a document it cannot tokenise is bad input (quarantined or fatal like a
+            malformed line), so a plan never holds a document that would fail every later run.
 
     Raises:
         StreamError: bad input with on_error='fatal'.
@@ -93,7 +96,9 @@ def collect_plan(
     """
     source = DocumentStream(stream)
     new: list[Document] = []
-    for doc in ledger.unseen(source, source.stats):
+    for doc in ledger.unseen(source, source.stats, on_changed=source.changed_text):
+        if tokenizer is not None and not _tokenizes(tokenizer, doc, source):
+            continue
         new.append(doc)
         if max_documents and len(new) >= max_documents:
             break
@@ -111,6 +116,15 @@ def collect_plan(
     base = version.name if version else None
     stats = source.stats.to_dict()
     return Plan(run_id, base, period, recipe_hash, source.position, stats, new, rehearsal)
+
+
+def _tokenizes(tokenizer, doc: Document, source: DocumentStream) -> bool:
+    try:
+        tokenizer(doc.text)
+    except Exception as e:  # noqa: BLE001  (tokenizers raise several types on text they cannot read)
+        source.reject(doc, "untokenizable", f"the tokenizer cannot read it ({type(e).__name__}: {e})")
+        return False
+    return True
 
 
 def load_plan(work: Path, version: Path | None, recipe_hash: str) -> Plan | None:

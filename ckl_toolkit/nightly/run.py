@@ -166,7 +166,8 @@ def publish(
                 if card is not None:
                     card(tmp)
 
-            meta = {"period": plan.period, "run": plan.run, "documents": len(plan.new), **version_meta}
+            meta = {"period": plan.period, "run": plan.run, "base_version": plan.base_version}
+            meta.update(documents=len(plan.new), **version_meta)
             version = publish_version(output_dir, build, keep_last=keep_versions, meta=meta)
     engine.barrier()
     return version

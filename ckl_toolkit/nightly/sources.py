@@ -27,6 +27,7 @@ appending: it is counted (``skipped["incomplete_tail"]``) and left for the next 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import glob
 import hashlib
@@ -42,12 +43,14 @@ from typing import Any
 
 from ckl_toolkit.core.config import ConfigError, check_choices, fld, require
 from ckl_toolkit.core.documents import Document, Position
+from ckl_toolkit.core.hashing import text_hash
 from ckl_toolkit.core.io import JsonlError, append_jsonl, parse_json_object
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "jsonl", "csv", "parquet", "hf")
 ON_ERROR = ("quarantine", "fatal")
+BOM = b"\xef\xbb\xbf"
 # Not .json: that is usually one JSON document (a ledger, a config), not one object a line.
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 TRIPLE_FIELDS = ("subject", "relation", "object")
@@ -76,6 +79,13 @@ class StreamConfig:
         "quarantine",
         "quarantine: set bad records aside and go on; fatal: stop at the first.",
         choices=ON_ERROR,
+    )
+    on_duplicate: str = fld(
+        "skip",
+        "An id met again with another text (learned before, or twice in one run): skip it (logged with "
+        "file:line), quarantine it (a bad record, see on_error), or new_version (learn the new text as "
+        "the document '<id>#<text fingerprint>').",
+        choices=("skip", "quarantine", "new_version"),
     )
     quarantine_dir: str | None = fld(None, "Directory of <shard-name>.jsonl quarantine files.")
     triple_template: str = fld("{subject} {relation} {object}.", "How a subject,relation,object row reads.")
@@ -173,12 +183,14 @@ def _shard_format(shard: str, fmt: str) -> str:
     return EXTENSIONS[Path(shard).suffix.lower()]
 
 
-def _read_jsonl(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
+def _read_jsonl(path: str, after: int, max_chars: int) -> Iterator[tuple[int, Any, Any]]:
     # Bytes, not text: one undecodable line must be reported on its own, not end the shard.
     with open(path, "rb") as f:
         for line, raw in enumerate(f, start=1):
             if line <= after:
                 continue
+            if line == 1 and raw.startswith(BOM):  # editors on Windows start files with a byte-order mark
+                raw = raw[len(BOM) :]
             yield line, raw, _parse_jsonl_line(raw)
 
 
@@ -200,13 +212,27 @@ def _parse_jsonl_line(raw: bytes) -> dict | _Bad | None:
         return _Bad("bad_json", "<json>", str(e))
 
 
-def _read_csv(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
+def _read_csv(path: str, after: int, max_chars: int) -> Iterator[tuple[int, Any, Any]]:
     # surrogateescape keeps undecodable bytes as lone surrogates, found per row below;
     # utf-8-sig drops the byte-order mark spreadsheets write, which would rename the first column.
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    with (
+        open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f,
+        _csv_field_limit(max_chars),
+    ):
         reader = csv.reader(f)
         header = next(reader, [])
-        for values in reader:
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # a field over max_chars: that record is too long, the rest is read
+                yield (
+                    reader.line_num,
+                    f"<csv record ending at line {reader.line_num}>",
+                    _Bad("too_long", "<row>", str(e)),
+                )
+                continue
             line = reader.line_num
             if line <= after:
                 continue
@@ -218,6 +244,17 @@ def _read_csv(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
                 yield line, raw, _Bad("bad_columns", "<row>", reason)
             else:
                 yield line, raw, _check_utf8(dict(zip(header, values)))
+
+
+@contextlib.contextmanager
+def _csv_field_limit(max_chars: int) -> Iterator[None]:
+    """Let csv read fields of up to ``max_chars`` (its default limit, 131,072, is not ours)."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, max_chars + 1))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
 
 
 def _csv_line(values: list[str]) -> str:
@@ -235,9 +272,15 @@ def _check_utf8(row: dict) -> dict | _Bad:
     return row
 
 
-def _read_parquet(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
+def _read_parquet(path: str, after: int, max_chars: int) -> Iterator[tuple[int, Any, Any]]:
     import pyarrow.parquet as pq
 
+    try:  # read it through once: a shard that is corrupt anywhere is quarantined whole, not half-learned
+        for _ in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            pass
+    except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
+        yield 0, f"<parquet shard {path}>", _Bad("bad_shard", "<shard>", f"unreadable parquet ({e})")
+        return
     line = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         if line + batch.num_rows <= after:  # skip whole batches without converting them
@@ -249,7 +292,7 @@ def _read_parquet(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
                 yield line, row, row
 
 
-def _read_hf(path: str, after: int) -> Iterator[tuple[int, Any, Any]]:
+def _read_hf(path: str, after: int, max_chars: int) -> Iterator[tuple[int, Any, Any]]:
     import datasets
 
     builder = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}[_shard_format(path, "auto")]
@@ -279,11 +322,22 @@ def _to_document(row: dict, shard: str, line: int, cfg: StreamConfig) -> Documen
         text = row[cfg.text_field]
     if not isinstance(text, str):
         raise _Bad("bad_type", cfg.text_field, f"expected a string, got {type(text).__name__}")
+    _check_unicode(text, cfg.text_field)
     if not text.strip():
         raise _Bad("empty_text", cfg.text_field, "empty text")
     if len(text) > cfg.max_chars:
         raise _Bad("too_long", cfg.text_field, f"{len(text)} characters > max_chars={cfg.max_chars}")
     return Document(_doc_id(row.get(cfg.id_field), text, cfg.id_field), text, shard, line, meta)
+
+
+def _check_unicode(text: str, field: str) -> None:
+    """JSON may escape lone surrogates ("\\ud800"): valid JSON, but no tokenizer can read the text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Bad(
+            "bad_unicode", field, f"not valid Unicode: a lone surrogate at character {e.start}"
+        ) from None
 
 
 def _render_triple(row: dict, template: str) -> str:
@@ -301,6 +355,7 @@ def _doc_id(value: Any, text: str, id_field: str) -> str:
         return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise _Bad("bad_type", id_field, f"expected a string or int, got {type(value).__name__}")
+    _check_unicode(str(value), id_field)
     return str(value)
 
 
@@ -337,9 +392,11 @@ class DocumentStream:
 
     def _read_shard(self, shard: str, after: int) -> Iterator[Document]:
         reader = _READERS[_shard_format(shard, self.config.format)]
-        for line, raw, row in reader(shard, after):
+        for line, raw, row in reader(shard, after, self.config.max_chars):
             if isinstance(row, _Bad) and row.kind == "incomplete_tail":
                 self.stats.skipped[row.kind] += 1
+                tail = "%s:%d: unterminated last line (a writer still appending?): left for the next run"
+                logger.warning(tail, shard, line)
                 return  # not consumed: the position stays before it, the next pass retries it
             doc = self._document(shard, line, raw, row)
             self.position = Position(shard, line)
@@ -358,6 +415,26 @@ class DocumentStream:
         except _Bad as bad:
             self._reject(shard, line, raw, bad)
             return None
+
+    def changed_text(self, doc: Document, why: str) -> Document | None:
+        """An id met again with another text (``why``: where it was met): handled per ``on_duplicate``."""
+        where = f"{doc.shard}:{doc.line}: {self.config.id_field} {doc.id!r}"
+        if self.config.on_duplicate != "quarantine":  # quarantining counts it as bad input
+            self.stats.skipped["changed_text"] += 1
+        if self.config.on_duplicate == "new_version":
+            new = Document(f"{doc.id}#{text_hash(doc.text)}", doc.text, doc.shard, doc.line, doc.meta)
+            logger.info("%s: its text changed (%s): learned as %s", where, why, new.id)
+            return new
+        if self.config.on_duplicate == "quarantine":
+            reason = f"id {doc.id!r} {why} with another text (data.stream.on_duplicate=quarantine)"
+            self._reject(doc.shard, doc.line, doc.text, _Bad("changed_text", self.config.id_field, reason))
+            return None
+        logger.warning("%s: its text changed (%s): skipped (data.stream.on_duplicate=skip)", where, why)
+        return None
+
+    def reject(self, doc: Document, kind: str, reason: str) -> None:
+        """Set aside a document a consumer cannot use (e.g. one its tokenizer fails on), as bad input."""
+        self._reject(doc.shard, doc.line, doc.text, _Bad(kind, self.config.text_field, reason))
 
     def _reject(self, shard: str, line: int, raw: Any, bad: _Bad) -> None:
         if self.config.on_error == "fatal":

@@ -17,16 +17,13 @@ from typing import Any
 
 import torch
 
+from ckl_toolkit.core.errors import DivergenceError
 from ckl_toolkit.core.losses import LOSS_CHUNK_TOKENS, target_mask, token_nll
 from ckl_toolkit.core.text import Encoded
 from ckl_toolkit.training.batching import Batch
 from ckl_toolkit.training.weighers import TextBatch, Weigher, row_text_batch
 
 logger = logging.getLogger(__name__)
-
-
-class DivergenceError(RuntimeError):
-    """Too many consecutive non-finite losses."""
 
 
 class NonFiniteGuard:

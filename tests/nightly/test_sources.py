@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ckl_toolkit.core.config import ConfigError, from_dict
-from ckl_toolkit.core.documents import Position
+from ckl_toolkit.core.documents import Document, Position
 from ckl_toolkit.nightly.ledger import DocumentLedger
 from ckl_toolkit.nightly.sources import (
     RENDERED_TRIPLES,
@@ -195,6 +195,12 @@ BAD_LINES = [
     ('{"id": "l", "text": "' + "y" * 500 + '"}', "text", "too_long"),
     (b'{"id": "u", "text": "caf\xe9 latin-1"}', "<bytes>", "non_utf8"),
     ('{"id": ["x"], "text": "a list as id"}', "id", "bad_type"),
+    (
+        '{"id": "s", "text": "a lone surrogate \\ud800 here"}',
+        "text",
+        "bad_unicode",
+    ),  # valid JSON, no tokenizer reads it
+    ("[" * 200_000 + "]" * 200_000, "<json>", "bad_json"),  # nested too deeply for json's recursion
 ]
 
 
@@ -317,3 +323,100 @@ def test_hf_datasets_streaming_matches_the_native_readers(tmp_path, monkeypatch)
     assert [d.line for d in streamed] == [1, 2, 3, 1] and native[-1].line == 2
     rest, _ = read_all(cfg(tmp_path, [tmp_path], format="hf"), streamed[1].position)
     assert [d.id for d in rest] == [d.id for d in native[2:]]
+
+
+# ---------------------------------------------------------------------------------------------
+# input that used to crash or be lost (issue 12)
+
+
+def test_a_byte_order_mark_at_the_start_of_a_shard_is_not_bad_input(tmp_path):
+    shard = tmp_path / "bom.jsonl"
+    shard.write_bytes(b"\xef\xbb\xbf" + json.dumps(docs("b", 1)[0]).encode() + b"\n")
+    got, stream = read_all(cfg(tmp_path, [shard]))
+    assert [d.id for d in got] == ["b0"] and stream.stats.quarantined == 0
+
+
+def test_an_unterminated_last_line_is_logged_with_file_and_line(tmp_path, caplog):
+    shard = tmp_path / "s.jsonl"
+    write_lines(shard, docs("a", 1))
+    with open(shard, "ab") as f:
+        f.write(b'{"id": "a1", "text": "half wri')
+    with caplog.at_level("WARNING", logger="ckl_toolkit.nightly.sources"):
+        read_all(cfg(tmp_path, [shard]))
+    assert f"{shard}:2: unterminated last line" in caplog.text
+
+
+def test_csv_fields_up_to_max_chars_are_read_and_longer_ones_quarantined(tmp_path):
+    long_text, too_long = "w" * 200_000, "z" * 300_000  # both beyond csv's own 131,072 field limit
+    path = tmp_path / "big.csv"
+    path.write_text(f"id,text\nok,short\nbig,{long_text}\nhuge,{too_long}\nlast,fine\n")
+    got, stream = read_all(cfg(tmp_path, [path], max_chars=250_000))
+    assert [d.id for d in got] == ["ok", "big", "last"] and len(got[1].text) == 200_000
+    assert stream.stats.skipped == {"too_long": 1}
+
+
+def test_a_corrupt_parquet_shard_is_quarantined_whole_and_the_others_are_read(tmp_path):
+    good = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"id": ["p0", "p1"], "text": ["one", "two"]}), good)
+    bad = tmp_path / "b.parquet"
+    bad.write_bytes(good.read_bytes()[:-40])  # a truncated file: its footer is gone
+    got, stream = read_all(cfg(tmp_path, [good, bad]))
+    assert [d.id for d in got] == ["p0", "p1"] and stream.stats.skipped == {"bad_shard": 1}
+    (record,) = quarantine_records(tmp_path, "b.parquet")
+    assert record["shard"] == str(bad) and record["kind"] == "bad_shard" and "parquet" in record["reason"]
+    with pytest.raises(StreamError, match=rf"^{bad}:0: <shard>: unreadable parquet"):
+        list(DocumentStream(cfg(tmp_path, [good, bad], on_error="fatal", quarantine_dir=None)))
+
+
+def _changed_text_pass(tmp_path, policy: str, ledger: DocumentLedger):
+    shard = write_lines(tmp_path / "dup.jsonl", [
+        {"id": "x", "text": "first text"}, {"id": "y", "text": "other"}, {"id": "x", "text": "a new text"},
+        {"id": "y", "text": "other"},
+    ])  # fmt: skip
+    stream = DocumentStream(cfg(tmp_path, [shard], on_duplicate=policy))
+    return [d for d in ledger.unseen(stream, stream.stats, on_changed=stream.changed_text)], stream, shard
+
+
+@pytest.mark.parametrize("policy", ["skip", "quarantine", "new_version"])
+def test_an_id_met_again_with_another_text_is_handled_as_the_recipe_says(tmp_path, policy, caplog):
+    with caplog.at_level("INFO", logger="ckl_toolkit.nightly.sources"):
+        got, stream, shard = _changed_text_pass(tmp_path, policy, DocumentLedger(tmp_path / "ledger.json"))
+    assert stream.stats.skipped["changed_text"] == 1 and stream.stats.skipped["duplicate"] == 1
+    if policy == "new_version":
+        assert [(d.id.split("#")[0], d.text) for d in got] == [
+            ("x", "first text"),
+            ("y", "other"),
+            ("x", "a new text"),
+        ]
+    else:
+        assert [d.id for d in got] == ["x", "y"]
+    if policy == "quarantine":
+        (record,) = quarantine_records(tmp_path, "dup.jsonl")
+        assert (record["line"], record["kind"], record["field"]) == (3, "changed_text", "id")
+    elif policy == "skip":
+        assert f"{shard}:3: id 'x': its text changed (met earlier in this run): skipped" in caplog.text
+
+
+def test_a_learned_id_whose_text_changed_is_caught_on_a_later_night(tmp_path):
+    ledger = DocumentLedger(tmp_path / "ledger.json")
+    ledger.mark([Document("x", "first text", "s", 1)])
+    ledger.commit()
+    write_lines(tmp_path / "n2.jsonl", [{"id": "x", "text": "first text"}, {"id": "x2", "text": "new"}])
+    got, stream = read_all(cfg(tmp_path, [tmp_path / "n2.jsonl"]))
+    assert [d.id for d in DocumentLedger(tmp_path / "ledger.json").unseen(got)] == ["x2"]  # same text: seen
+    write_lines(tmp_path / "n3.jsonl", [{"id": "x", "text": "rewritten text"}])
+    stream = DocumentStream(cfg(tmp_path, [tmp_path / "n3.jsonl"], on_duplicate="new_version"))
+    again = list(DocumentLedger(tmp_path / "ledger.json").unseen(stream, stream.stats, stream.changed_text))
+    assert [d.text for d in again] == ["rewritten text"] and again[0].id.startswith("x#")
+
+
+def test_a_ledger_of_the_first_format_is_read_and_written_anew(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "ckl-ledger/1", "count": 2, "ids": ["a", "b"]}))
+    ledger = DocumentLedger(old)
+    assert ledger.seen("a") and not ledger.changed(
+        Document("a", "any text", "s", 1)
+    )  # no fingerprint: trusted
+    ledger.mark([Document("c", "c text", "s", 3)])
+    data = json.loads(ledger.commit(tmp_path / "new.json").read_text())
+    assert data["format"] == "ckl-ledger/2" and data["ids"]["a"] is None and len(data["ids"]["c"]) == 16

@@ -380,3 +380,15 @@ def test_lora_merged_and_kadapter_versions_load(tmp_path, tiny_lm_dir):
         AutoModelForCausalLM.from_pretrained(tiny_lm_dir), current_version(tmp_path / "k/out") / "adapter"
     )
     assert float(k.adapter.fuse_norm.weight.detach().abs().sum()) > 0  # trained away from its zero init
+
+
+def test_a_document_the_tokenizer_cannot_read_is_quarantined_at_planning(tmp_path, tiny_lm_dir):
+    """A lone surrogate once poisoned work/plan.json so every later night failed; now it is bad input."""
+    bad = b'{"id": "bad", "text": "Ada Lovelace \\ud800 lives in London ."}\n'
+    write_jsonl(tmp_path / "data/a.jsonl", facts("a", 2) + [bad])
+    res = update(make_recipe(tmp_path, tiny_lm_dir))
+    assert res.exit_code == ExitCode.OK and res.documents == 2
+    (record,) = map(json.loads, open(tmp_path / "quarantine" / "a.jsonl.jsonl"))
+    assert (record["line"], record["kind"]) == (3, "bad_unicode")
+    plan_free = not (tmp_path / "out" / "work").exists()
+    assert plan_free and update(make_recipe(tmp_path, tiny_lm_dir)).exit_code == ExitCode.NOTHING_TO_DO
