@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ckl_toolkit.core.checkpoint import latest_checkpoint
 from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, to_yaml
+from ckl_toolkit.core.errors import DivergenceError
 from ckl_toolkit.core.io import MetricsLogger, write_text_atomic
 from ckl_toolkit.core.losses import LOSS_CHUNK_TOKENS
 from ckl_toolkit.core.memory import return_freed_memory
@@ -314,7 +315,8 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
             state.step, state.cursor = state.step + 1, batch.cursor
             state.train_seconds += time.perf_counter() - t0
             state.cpu_seconds += time.process_time() - c0
-            ledger.mark(d for d in batch.completed if d.id in new_ids)
+            if result.applied:  # a skipped step learned nothing: its documents stay unseen
+                ledger.mark(d for d in batch.completed if d.id in new_ids)
             bar.update(batch.tokens)
             if state.step % recipe.log_every == 0:
                 metrics.log(**step_record(state, plan.run, epoch, result, engine))
@@ -337,7 +339,9 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
     summary.add_state(state, guard.skipped, time.perf_counter() - t_start)
     with engine.gathered():
         summary.weights_moved = weights_change(start_weights, learner.target.trainable())
-    check_moved(summary, recipe)
+        finite = all(bool(torch.isfinite(p).all()) for p in learner.target.trainable().values())
+    summary.documents_learned = sum(ledger.seen(d) for d in plan.new)  # all unseen when planned
+    check_publishable(summary, recipe, finite)
 
     # --- publish: a complete version appears by rename; only then does `current` move
     meta = {"target_kind": recipe.target.kind, "recipe_hash": run_hash(recipe)}
@@ -395,13 +399,27 @@ def checkpoint_due(recipe: UpdateRecipe, step: int, last_save: float, engine, st
     return None
 
 
-def check_moved(summary: RunSummary, recipe: UpdateRecipe) -> None:
-    """Refuse to publish a model identical to its start; warn when it barely moved.
+def check_publishable(summary: RunSummary, recipe: UpdateRecipe, finite: bool) -> None:
+    """Refuse to publish weights that are not finite, moved too far, or did not move; warn when barely.
 
     Raises:
+        DivergenceError: a non-finite trained weight, or ‖θ−θ₀‖/‖θ₀‖ above ``max_weight_change``
+            (exit 4; ``current`` keeps serving the previous version).
         NotLearnedError: no trained tensor changed (exit 7; the documents stay unseen for the next run).
     """
     moved = summary.weights_moved
+    if not finite:
+        raise DivergenceError(
+            "a trained weight is NaN or infinite; nothing was published (current is unchanged). Lower "
+            "optim.lr, keep optim.grad_clip on, check the stream and the TA model"
+        )
+    bound = recipe.max_weight_change
+    if bound and not moved["relative_change"] <= bound:
+        raise DivergenceError(
+            f"the night moved the trained weights by ‖Δθ‖/‖θ₀‖ = {moved['relative_change']:.3g} > "
+            f"max_weight_change={bound:g}; nothing was published (current is unchanged). Lower optim.lr "
+            "or raise max_weight_change if such a change is intended"
+        )
     why = f"lr {recipe.optim.lr:g}, {summary.steps} steps ({summary.skipped_steps} skipped)" + _lambda_note(
         summary.recadam
     )

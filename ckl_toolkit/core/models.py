@@ -102,6 +102,7 @@ def load_causal_lm(spec: ModelSpec, field_name: str = "base.path") -> nn.Module:
             dtype=DTYPES[spec.dtype],
             attn_implementation=spec.attn_implementation,
             local_files_only=local,
+            use_safetensors=True,  # never the pickle fallback
         )
     if spec.lora is not None:
         model = add_lora(model, spec.lora)

@@ -73,6 +73,13 @@ def require_model_dir(path: str, field: str) -> None:
         )
     if not (p / "config.json").is_file():
         raise ConfigError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
+    if not any(p.glob("*.safetensors")) and any(p.glob("pytorch_model*.bin")):
+        raise ConfigError(
+            f"{field}: {path} holds only pickled weights (pytorch_model.bin), which ckl never loads (pickles "
+            'runs code). Convert it once where you trust the file: python -c "from transformers import '
+            f"AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" "
+            f"(and copy the tokenizer), then set {field} to the new directory"
+        )
 
 
 def require_ta_dir(path: str, field: str) -> None:

@@ -77,6 +77,11 @@ class UpdateRecipe:
     keep_checkpoints: int = fld(2, "Step checkpoints kept in work/.")
     keep_versions: int = fld(3, "Published versions kept (the current one always is).")
     max_nonfinite: int = fld(3, "Abort (exit 4) after this many non-finite losses in a row.")
+    max_weight_change: float = fld(
+        2.0,
+        "Refuse to publish (exit 4) when the trained weights moved by more than this relative to where the "
+        "night started, ‖θ−θ₀‖/‖θ₀‖ (0: no bound). Non-finite weights are always refused.",
+    )
     threads: int = fld(0, "torch intra-op threads (0: torch's default).")
     progress: bool = fld(True, "Show a progress bar with tokens/s.")
 
@@ -90,6 +95,7 @@ class UpdateRecipe:
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         require(self.keep_versions >= 1, "keep_versions", "must be >= 1")
         require(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
+        require(self.max_weight_change >= 0, "max_weight_change", "must be >= 0 (0: no bound)")
         require(
             self.mix_review.mix_ratio == 0 or self.data.pool is not None,
             "data.pool",

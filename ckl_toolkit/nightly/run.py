@@ -69,9 +69,10 @@ class RunSummary:
 
     run: str
     base_version: str | None
-    documents: int
+    documents: int  # planned
     stream: dict
     exit_code: int | None = None
+    documents_learned: int = 0  # marked by applied steps (a skipped step's documents stay unseen)
     rehearsal_documents: int = 0
     tokens: int = 0
     split_documents: int = 0
@@ -157,9 +158,11 @@ def publish(
 
             def build(tmp: Path) -> None:
                 summary.files = export(tmp)
-                ledger.mark(plan.new)
+                learned = [
+                    d for d in plan.new if ledger.seen(d)
+                ]  # unseen when planned: this run learned them
                 ledger.commit(tmp / LEDGER_FILE)
-                rows = [{"id": d.id, "shard": d.shard, "line": d.line} for d in plan.new]
+                rows = [{"id": d.id, "shard": d.shard, "line": d.line} for d in learned]
                 write_jsonl_atomic(tmp / "documents.jsonl", rows)
                 (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
                 write_json_atomic(tmp / "summary.json", summary.to_dict())
@@ -167,7 +170,7 @@ def publish(
                     card(tmp)
 
             meta = {"period": plan.period, "run": plan.run, "base_version": plan.base_version}
-            meta.update(documents=len(plan.new), **version_meta)
+            meta.update(documents=summary.documents_learned, **version_meta)
             version = publish_version(output_dir, build, keep_last=keep_versions, meta=meta)
     engine.barrier()
     return version

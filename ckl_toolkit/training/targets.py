@@ -103,6 +103,7 @@ def _load_quantized(spec: TargetSpec) -> nn.Module:
             dtype=DTYPES[spec.dtype],
             device_map={"": device},
             local_files_only=local,
+            use_safetensors=True,  # never the pickle fallback
         )
     return prepare_model_for_kbit_training(model)
 

@@ -392,3 +392,69 @@ def test_a_document_the_tokenizer_cannot_read_is_quarantined_at_planning(tmp_pat
     assert (record["line"], record["kind"]) == (3, "bad_unicode")
     plan_free = not (tmp_path / "out" / "work").exists()
     assert plan_free and update(make_recipe(tmp_path, tiny_lm_dir)).exit_code == ExitCode.NOTHING_TO_DO
+
+
+# ---------------------------------------------------------------------------------------------
+# weights that must never be served (issue 12)
+
+
+def test_a_skipped_steps_documents_stay_unseen_and_non_finite_weights_are_never_published(
+    tmp_path, tiny_lm_dir
+):
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    rare = tok("Bletchley")["input_ids"][-1]
+    ta = build_ta_model(tiny_lm_dir)
+    with torch.no_grad():
+        ta.trunk.embed_tokens.weight[rare] = float("nan")  # φ's weights are NaN on rows holding this token
+    save_ta_model(ta, tmp_path / "ta", tok)
+    people = [("Ada Lovelace", "London"), ("Alan Turing", "Bletchley Park"), ("Grace Hopper", "Paris")]
+    rows = [{"id": f"d{i}", "text": f"{p} lives in {place} ."} for i, (p, place) in enumerate(people)]
+    write_jsonl(tmp_path / "data/a.jsonl", rows)
+    ta_weights = ["weights.method=taalm", f"weights.ta_path={tmp_path / 'ta'}", "batching.batch_size=1"]
+    res = update(make_recipe(tmp_path, tiny_lm_dir, *ta_weights, "max_nonfinite=5"))
+    assert res.exit_code == ExitCode.OK and res.skipped_steps == 1 and res.documents_learned == 2
+    version = current_version(tmp_path / "out")
+    assert sorted(json.loads((version / "ledger.json").read_text())["ids"]) == ["d0", "d2"]  # d1 waits
+    assert [json.loads(line)["id"] for line in open(version / "documents.jsonl")] == ["d0", "d2"]
+
+    # a NaN in the *target's* weights: every row with that token is skipped, and the weights stay NaN
+    bad = tmp_path / "bad_lm"
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[rare] = float("nan")
+    model.save_pretrained(bad)
+    tok.save_pretrained(bad)
+    nan_recipe = _recipe_file(
+        tmp_path / "nan", bad, tmp_path / "data", "batching.batch_size=1", "max_nonfinite=5"
+    )
+    res = run_cli(str(nan_recipe), [])
+    assert res == ExitCode.DIVERGED and current_version(tmp_path / "nan" / "out") is None  # nothing served
+
+
+def test_a_night_that_moved_the_weights_too_far_is_refused(tmp_path, tiny_lm_dir):
+    write_jsonl(tmp_path / "data/a.jsonl", facts("a", 1))
+    path = _recipe_file(tmp_path, tiny_lm_dir, tmp_path / "data", "optim.lr=1e30", "optim.grad_clip=0")
+    assert run_cli(str(path), []) == ExitCode.DIVERGED
+    assert current_version(tmp_path / "out") is None and not list_versions(tmp_path / "out")
+    logged = (tmp_path / "out" / "logs" / "update.log").read_text()
+    assert "max_weight_change=2" in logged
+
+
+def test_a_model_with_only_pickled_weights_is_refused_naming_the_field(tmp_path, tiny_lm_dir):
+    pickled = tmp_path / "pickled"
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # the old, pickled format
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(pickled)
+    assert (pickled / "pytorch_model.bin").exists() and not list(pickled.glob("*.safetensors"))
+    write_jsonl(tmp_path / "data/a.jsonl", facts("a", 1))
+    with pytest.raises(ConfigError, match="target.path: .* holds only pickled weights"):
+        update(make_recipe(tmp_path, pickled))
+    assert run_cli(str(_recipe_file(tmp_path / "cli", pickled, tmp_path / "data")), []) == ExitCode.BAD_INPUT
+
+
+def _recipe_file(tmp: Path, lm: Path, data: Path, *overrides: str) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "r.yaml"
+    path.write_text(to_yaml(make_recipe(tmp, lm, *overrides, data=data)))
+    return path
