@@ -27,9 +27,11 @@ from ckl_toolkit.core.io import append_jsonl, read_jsonl, write_json_atomic
 from ckl_toolkit.core.models import ModelSpec, load_causal_lm
 from ckl_toolkit.core.text import ensure_pad_token
 from ckl_toolkit.evaluation.config import EvalRecipe
+from ckl_toolkit.evaluation.fact_gain import pareto_front
 from ckl_toolkit.evaluation.lama_ckl import run_lama_ckl
 from ckl_toolkit.evaluation.methods import Method, parse_method
 from ckl_toolkit.evaluation.not_to_forget import cached_selection
+from ckl_toolkit.evaluation.periods import Context, run_periods
 from ckl_toolkit.evaluation.runs import (
     fingerprint,
     machine_description,
@@ -38,7 +40,8 @@ from ckl_toolkit.evaluation.runs import (
     run_key,
     start_run,
 )
-from ckl_toolkit.evaluation.temporalwiki import run_temporalwiki
+from ckl_toolkit.evaluation.temporalwiki import data_description as temporalwiki_data
+from ckl_toolkit.evaluation.temporalwiki import load_data
 
 
 def run_eval(recipe: EvalRecipe) -> dict:
@@ -262,3 +265,107 @@ def data_description(recipe: EvalRecipe, to_learn, not_to_forget, rehearsal) -> 
             "synthetic world: the TA was meta-trained on pairs about other entities than TO-LEARN's"
         )
     return desc
+
+
+# ---------------------------------------------------------------------------------------------
+# TemporalWiki.
+
+
+def _stage_logger(run_dir: Path, key: str):
+    def log(row: dict, train_loss: float | None, seconds: float) -> None:
+        record = {"run": key, **row, "train_loss": train_loss, "seconds": seconds}
+        append_jsonl(run_dir / "metrics.jsonl", [record])
+        cells = [f"{p} acc {c['acc']:.3f} nll {c['nll']:.2f}" for p, c in row["probes"].items()]
+        night = row.get("night")
+        if night:
+            gain = night["fact_gain"]["reworded"]
+            kept = night.get("retention", {}).get("share")
+            cells.append(
+                f"fact gain (reworded) {gain['nats']:+.3f} nats" + (f", kept {kept:.1%}" if kept else "")
+            )
+        print(f"  {key} after {row['stage']}: " + "; ".join(cells), flush=True)
+
+    return log
+
+
+def temporalwiki_plan(
+    recipe: EvalRecipe, methods: list[Method]
+) -> list[tuple[Method, float, int | None, str]]:
+    """(method, lr, epochs, run key) of every run: each method at its lr, then the swept lrs x epochs.
+
+    ``epochs`` is None for the protocol's own number (its key has no suffix).
+    """
+    plan = []
+    for m in methods:
+        for lr in recipe.lrs_of(m.name):
+            for e in recipe.epochs_of(m.name):
+                epochs = None if e == recipe.protocol.epochs else e
+                plan.append((m, lr, epochs, run_key(m.name, lr, epochs)))
+    return plan
+
+
+def tradeoff(recipe: EvalRecipe, runs: dict[str, dict], plan) -> dict:
+    """Per method: the last night's fact gain (reworded, nats) and retention of every run, and the front."""
+    out = {}
+    for m in dict.fromkeys(m.name for m, *_ in plan):
+        points = []
+        for name, lr, epochs, key in plan:
+            night = runs[key]["after"][-1].get("night") if name.name == m else None
+            if not night or "retention" not in night:
+                continue
+            gain = night["fact_gain"]["reworded"]
+            point = {"run": key, "lr": lr, "epochs": epochs or recipe.protocol.epochs}
+            point.update(fact_gain=gain["nats"], fact_gain_em=gain["em"], raw_nats=gain["raw_nats"])
+            points.append({**point, "retention": night["retention"]["share"]})
+        if points:
+            out[m] = {"points": points, "front": pareto_front(points, "retention", "fact_gain")}
+    return out
+
+
+def run_temporalwiki(recipe: EvalRecipe) -> dict:
+    """Every run of the recipe through the TemporalWiki periods; writes and returns results.json."""
+    start = time.perf_counter()
+    methods = [parse_method(m) for m in recipe.methods]
+    plan = temporalwiki_plan(recipe, methods)
+    setup = start_run(Path(recipe.run_dir), to_yaml(recipe), fingerprint(recipe), [k for *_, k in plan],
+                      recipe.threads, recipe.device)  # fmt: skip
+    run_dir, done = setup.run_dir, setup.done
+    data = load_data(recipe, methods)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in data.probe_sets.items())
+    print(f"TemporalWiki: periods {data.periods}; documents {[len(d) for d in data.stream]}; probes {sizes}")
+
+    ctx = Context(recipe, data, setup.device)
+    for i, (m, lr, epochs, key) in enumerate(plan, 1):
+        if key in done:
+            print(f"[{i}/{len(plan)}] {key}: done earlier, kept")
+            continue
+        summary = run_periods(ctx, m, lr, epochs or recipe.protocol.epochs, _stage_logger(run_dir, key))
+        summary["fingerprint"] = setup.fingerprint
+        write_json_atomic(run_dir / "runs" / f"{key}.json", summary)
+        done[key] = summary
+        print(f"[{i}/{len(plan)}] {key}: done ({summary['seconds']:.0f} s)", flush=True)
+
+    results = {
+        "benchmark": "temporalwiki",
+        "title": recipe.title or f"TemporalWiki on {recipe.target.path}",
+        "machine": machine_description(),
+        "stream": data.stream_label,
+        "probe_rendering": data.probe_rendering,
+        "periods": data.periods,
+        "probe_sets": list(data.probe_sets),
+        "data": temporalwiki_data(recipe, data),
+        "protocol": {
+            **to_dict(recipe.protocol),
+            "epochs_per_period": recipe.protocol.epochs,
+            "lr": recipe.optim.lr,
+            "batch_size": recipe.batching.batch_size,
+        },  # fmt: skip
+        "methods": {m.name: done[run_key(m.name, recipe.lr_of(m.name))] for m in methods},
+        "seconds": time.perf_counter() - start,
+    }
+    view = tradeoff(recipe, done, plan)
+    if view:
+        results["tradeoff"] = view
+    results["seconds_all_runs"] = sum(s["seconds"] for s in done.values())
+    write_json_atomic(run_dir / "results.json", results, sort_keys=False)
+    return results

@@ -73,7 +73,11 @@ class SweepSpec:
     lrs: list[float] = fld(
         [], "Extra learning rates for the equal-NOT-TO-FORGET view (empty: only the same-lr view)."
     )
-    methods: list[str] = fld([], "Methods swept over lrs (empty: all of `methods`).")
+    epochs: list[int] = fld(
+        [],
+        "TemporalWiki: extra epochs per period, crossed with the lrs (the fact gain / retention trade-off).",
+    )
+    methods: list[str] = fld([], "Methods swept (empty: all of `methods`).")
     reference: str = fld("finetune", "The method whose NF exact match at optim.lr sets the target.")
     tolerance: float = fld(0.01, "A run meets the target when its NF EM >= target - tolerance.")
 
@@ -94,6 +98,20 @@ class TemporalWikiSpec:
         "[Y] uses it ('[X] was born in [Y] .' -> 'S was born in O'); other probes, or all when empty, "
         "render as TemporalWiki's '{subject} {relation} {object}'. The object always ends the probe.",
     )
+    stream_template: str = fld(
+        "{subject} {relation} {object}.",
+        "How the substitute stream renders a triple (as ckl update's data.stream.triple_template does).",
+    )
+    control_per_relation: int = fld(
+        5,
+        "Fact gain: up to N unchanged facts of each relation the night teaches serve as its control "
+        "(what format and priors alone improve).",
+    )
+    retention: str = fld(
+        "",
+        "JSONL of facts the model should keep ({object, <protocol.probe_field>}, e.g. the LAMA-ckl "
+        "invariant facts); retention = the share of those the base answers exactly that it still does.",
+    )
     rehearsal_triples: str = fld(
         "0801-0901_changed.csv",
         "Mix-review's older data for period 1: triples of an earlier period (relative to data.dir; the "
@@ -110,6 +128,9 @@ class TemporalWikiSpec:
         )
         require(self.probe_limit >= 0, "probe_limit", "must be >= 0")
         require(self.train_limit >= 0, "train_limit", "must be >= 0")
+        require(self.control_per_relation >= 1, "control_per_relation", "must be >= 1")
+        for key in ("subject", "relation", "object"):
+            require("{" + key + "}" in self.stream_template, "stream_template", f"needs {{{key}}}")
 
 
 @dataclass
@@ -184,6 +205,12 @@ class EvalRecipe:
                 "optim.recadam.gamma",
                 f"lr*gamma = {lr * self.optim.recadam.gamma:g} for {p.name} must be < 2 (the pull diverges)",
             )
+        require(
+            not self.sweep.epochs or self.benchmark == "temporalwiki",
+            "sweep.epochs",
+            "the lr x epochs trade-off is TemporalWiki's; LAMA-ckl scores every epoch already",
+        )
+        require(all(e >= 1 for e in self.sweep.epochs), "sweep.epochs", "every value must be >= 1")
         want = "temporalwiki" if self.benchmark == "temporalwiki" else ("synthetic", "lama_ckl")
         require(
             self.data.kind in want,
@@ -208,9 +235,19 @@ class EvalRecipe:
         """The method's learning rate in the same-lr view."""
         return self.lr_overrides.get(method, self.optim.lr)
 
+    def swept(self, method: str) -> bool:
+        return not self.sweep.methods or method in self.sweep.methods
+
     def lrs_of(self, method: str) -> list[float]:
         """Every learning rate the method runs at: its own, then the sweep's (if it is swept)."""
         lrs = [self.lr_of(method)]
-        if self.sweep.lrs and (not self.sweep.methods or method in self.sweep.methods):
+        if self.sweep.lrs and self.swept(method):
             lrs += [lr for lr in self.sweep.lrs if lr not in lrs]
         return lrs
+
+    def epochs_of(self, method: str) -> list[int]:
+        """Every number of epochs (per period) the method runs with: the protocol's, then the sweep's."""
+        epochs = [self.protocol.epochs]
+        if self.sweep.epochs and self.swept(method):
+            epochs += [e for e in self.sweep.epochs if e not in epochs]
+        return epochs

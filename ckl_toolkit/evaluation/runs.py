@@ -46,8 +46,9 @@ def fingerprint(recipe: EvalRecipe) -> str:
     return recipe_hash({k: v for k, v in to_dict(recipe).items() if k not in ignore})
 
 
-def run_key(method: str, lr: float) -> str:
-    return f"{method}@{lr:g}"
+def run_key(method: str, lr: float, epochs: int | None = None) -> str:
+    """``method@lr`` for a run at the protocol's epochs, ``method@lr,Nep`` for a swept number of epochs."""
+    return f"{method}@{lr:g}" + (f",{epochs}ep" if epochs is not None else "")
 
 
 def read_json(path: Path) -> dict:

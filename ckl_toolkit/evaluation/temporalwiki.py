@@ -21,25 +21,20 @@ from __future__ import annotations
 
 import csv
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ckl_toolkit.core.config import ConfigError, to_dict, to_yaml
+from ckl_toolkit.core.config import ConfigError
 from ckl_toolkit.core.documents import Document
-from ckl_toolkit.core.io import append_jsonl, read_jsonl, write_json_atomic
+from ckl_toolkit.core.io import read_jsonl
 from ckl_toolkit.evaluation.config import EvalRecipe
-from ckl_toolkit.evaluation.lama_ckl import train_epoch
-from ckl_toolkit.evaluation.methods import Method, method_sections, parse_method
+from ckl_toolkit.evaluation.fact_gain import Night, control_set
+from ckl_toolkit.evaluation.methods import Method
 from ckl_toolkit.evaluation.probes import score_probes
-from ckl_toolkit.evaluation.runs import fingerprint, machine_description, method_learner, run_key, start_run
-from ckl_toolkit.training.learner import make_engine
-from ckl_toolkit.training.step import NonFiniteGuard
 
 TRIPLE_PROBE = "{subject} {relation} {object}"  # TemporalWiki's own rendering: the object is last
-STREAM_SENTENCE = "The {relation} of {subject} is {object}."  # substitute training sentence
 SPLITS = ("changed", "unchanged")
 PROBE_MAX_LENGTH = 256  # probes are one short sentence; truncation would cut the object (it is last)
 
@@ -70,9 +65,9 @@ def render_probe(triple: dict, templates: dict[str, str]) -> str:
     return template.replace("[X]", triple["subject"]).replace("[Y]", triple["object"])
 
 
-def render_stream_sentence(triple: dict) -> str:
-    """A training sentence for the substitute stream, worded unlike every probe rendering."""
-    return STREAM_SENTENCE.format(**triple)
+def render_stream_sentence(triple: dict, template: str) -> str:
+    """A training sentence of the substitute stream (``ckl update`` renders triple rows the same way)."""
+    return template.format(**triple)
 
 
 def probe_rendering_label(templates: dict[str, str], source: str) -> str:
@@ -121,6 +116,8 @@ class TemporalWikiData:
     probe_rendering: str
     pools: list[list[Document]] = field(default_factory=list)  # per period: older documents
     pool_label: str = ""
+    nights: list[Night] = field(default_factory=list)  # per period: its facts and their controls
+    retention: list[dict] = field(default_factory=list)  # facts the model should keep (if known before)
 
 
 def _period_file(recipe: EvalRecipe, period: str, split: str) -> Path:
@@ -149,21 +146,25 @@ def substitute_stream(recipe: EvalRecipe) -> tuple[list[list[Document]], str]:
     for period in recipe.temporalwiki.periods:
         triples = read_triples(_period_file(recipe, period, "changed"))
         triples = triples[:limit] if limit else triples
-        stream.append([_stream_document(t, f"{period}/{i}", i + 1) for i, t in enumerate(triples)])
+        template = recipe.temporalwiki.stream_template
+        stream.append([_stream_document(t, f"{period}/{i}", i + 1, template) for i, t in enumerate(triples)])
     label = (
-        f"substitute: sentences rendered from each period's changed triples ('{STREAM_SENTENCE}', one "
+        f"substitute: sentences rendered from each period's changed triples "
+        f"('{recipe.temporalwiki.stream_template}', one "
         "document per triple"
         + (f", the first {limit} per period" if limit else "")
-        + "); the changed probes are the same triples in another wording, so changed-probe scores "
-        "measure memorisation of the stream, not learning from real diff text"
+        + "); the changed probes are the same facts, so their raw NLL drop mixes learning the facts "
+        "with learning how the stream reads: the fact gain against a relation-matched control "
+        "separates the two"
     )
     return stream, label
 
 
-def _stream_document(triple: dict, doc_id: str, line: int) -> Document:
+def _stream_document(triple: dict, doc_id: str, line: int, template: str) -> Document:
     """A substitute training document; its object is kept so the oracle can weight it."""
     shard = doc_id.rsplit("/", 1)[0]
-    return Document(doc_id, render_stream_sentence(triple), shard, line, {"object": triple["object"]})
+    text = render_stream_sentence(triple, template)
+    return Document(doc_id, text, shard, line, {"object": triple["object"]})
 
 
 def user_stream(recipe: EvalRecipe) -> tuple[list[list[Document]], str]:
@@ -216,7 +217,9 @@ def rehearsal_pools(
         }
         triples = read_triples(path)
         kept = [t for t in triples if _triple_key(t) not in unchanged]
-        older = [Document(f"{name}/{i}", render_stream_sentence(t), name, i + 1) for i, t in enumerate(kept)]
+        template = recipe.temporalwiki.stream_template
+        texts = [render_stream_sentence(t, template) for t in kept]
+        older = [Document(f"{name}/{i}", text, name, i + 1) for i, text in enumerate(texts)]
         left_out = len(triples) - len(kept)
         where = (
             f"{len(older)} sentences rendered from {name} ({left_out} evaluated unchanged triples left out)"
@@ -242,7 +245,30 @@ def load_data(recipe: EvalRecipe, methods: list[Method]) -> TemporalWikiData:
     )
     if any(m.rehearsal for m in methods):
         data.pools, data.pool_label = rehearsal_pools(recipe, stream, probe_sets)
+    if not tw.documents:  # the substitute stream's facts are known: score each night against a control
+        data.nights = load_nights(recipe)
+    if tw.retention:
+        data.retention = load_retention(tw.retention, recipe.protocol.probe_field)
     return data
+
+
+def load_nights(recipe: EvalRecipe) -> list[Night]:
+    """Per period: the triples its stream teaches and, as controls, unchanged facts of the same relations."""
+    tw, nights = recipe.temporalwiki, []
+    for period in tw.periods:
+        facts = read_triples(_period_file(recipe, period, "changed"))
+        facts = facts[: tw.train_limit] if tw.train_limit else facts
+        candidates = read_triples(_period_file(recipe, period, "unchanged"))
+        nights.append(Night(period, facts, control_set(facts, candidates, tw.control_per_relation)))
+    return nights
+
+
+def load_retention(path: str, probe_field: str) -> list[dict]:
+    """Facts with a probe and an object (e.g. the LAMA-ckl invariant facts); retention scores them exactly."""
+    if not Path(path).exists():
+        raise ConfigError(f"temporalwiki.retention: {path} not found (empty: no retention set)")
+    rows = read_jsonl(path, required=("object", probe_field))
+    return [r for r in rows if r["object"] in r[probe_field]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,127 +325,6 @@ def forgetting(after: list[dict], probe_sets: list[str]) -> dict[str, float]:
     if len(matrix) < 2:
         return {p: 0.0 for p in probe_sets}
     return {p: max(row[j] for row in matrix[:-1]) - matrix[-1][j] for j, p in enumerate(probe_sets)}
-
-
-# ---------------------------------------------------------------------------------------------
-# One method.
-
-
-@dataclass
-class Context:
-    """What every method's run reads: the recipe, the data, the device."""
-
-    recipe: EvalRecipe
-    data: TemporalWikiData
-    device: torch.device
-
-
-def run_method(ctx: Context, method: Method, lr: float, log) -> dict:
-    """A fresh learner trained period after period; ``after`` holds the scores of every stage.
-
-    Each period is its own refresh, as a nightly run: a fresh optimizer (AdamW's moments restart,
-    RecAdam anchors θ* at the period's starting weights) in a fresh engine; mix-review draws the
-    period's rehearsal with ``MixReviewSpec.epoch`` (per='period': the ratio decays across periods).
-    RHO-1's reference stays the model before all periods (the served model the refreshes start from).
-    """
-    recipe, data = ctx.recipe, ctx.data
-    start = time.perf_counter()
-    learner, mix = method_learner(method, lr, recipe.target, recipe.weights, recipe.optim, recipe.mix_review,
-                                  recipe.seed, ctx.device)  # fmt: skip
-    optim = method_sections(method, recipe.target, recipe.weights, recipe.optim, recipe.mix_review, lr).optim
-    model, tokenizer, eval_bs = learner.target.model, learner.tokenizer, recipe.protocol.eval_batch_size
-
-    after = [{"stage": "base", "probes": evaluate_stage(model, tokenizer, data.probe_sets, eval_bs)}]
-    log(after[-1], None, time.perf_counter() - start)
-    train_loss, guard = [], NonFiniteGuard(max_consecutive=3)
-    for p, period in enumerate(data.periods):
-        if p > 0:  # a refresh is its own run
-            learner.engine = make_engine(learner.target, optim, None)
-        pool = data.pools[p] if data.pools else []
-        losses = []
-        for e in range(recipe.protocol.epochs):
-            docs, _ = mix.epoch(data.stream[p], pool, p, e, recipe.batching.shuffle_key(recipe.seed, p, e))
-            losses.append(train_epoch(learner, docs, recipe.batching, guard))
-        train_loss.append(sum(losses) / len(losses))
-        scores = evaluate_stage(model, tokenizer, data.probe_sets, eval_bs)
-        after.append({"stage": period, "probes": scores})
-        log(after[-1], train_loss[-1], time.perf_counter() - start)
-
-    names = list(data.probe_sets)
-    return {
-        "after": after,
-        "forgetting": forgetting(after, names),
-        "acc_matrix": accuracy_matrix(after, names),
-        "train_loss": train_loss,
-        "seconds": time.perf_counter() - start,
-        "lr": lr,
-        "method": method.name,
-        "components": asdict(method),
-        "trainable_params": sum(t.numel() for t in learner.target.trainable().values()),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# The whole benchmark.
-
-
-def _stage_logger(run_dir: Path, key: str):
-    def log(row: dict, train_loss: float | None, seconds: float) -> None:
-        record = {"run": key, "stage": row["stage"], "probes": row["probes"], "train_loss": train_loss}
-        append_jsonl(run_dir / "metrics.jsonl", [{**record, "seconds": seconds}])
-        changed = [f"{p} acc {c['acc']:.3f} nll {c['nll']:.2f}" for p, c in row["probes"].items()]
-        print(f"  {key} after {row['stage']}: " + "; ".join(changed), flush=True)
-
-    return log
-
-
-def run_temporalwiki(recipe: EvalRecipe) -> dict:
-    """Every method of the recipe through the TemporalWiki periods; writes and returns results.json."""
-    start = time.perf_counter()
-    if recipe.sweep.lrs:
-        raise ConfigError("sweep.lrs: the equal-NOT-TO-FORGET sweep is LAMA-ckl only; leave it empty")
-    methods = [parse_method(m) for m in recipe.methods]
-    setup = start_run(Path(recipe.run_dir), to_yaml(recipe), fingerprint(recipe),
-                      [run_key(m.name, recipe.lr_of(m.name)) for m in methods], recipe.threads,
-                      recipe.device)  # fmt: skip
-    run_dir, done = setup.run_dir, setup.done
-    data = load_data(recipe, methods)
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in data.probe_sets.items())
-    print(f"TemporalWiki: periods {data.periods}; documents {[len(d) for d in data.stream]}; probes {sizes}")
-
-    ctx = Context(recipe, data, setup.device)
-    for i, m in enumerate(methods, 1):
-        key = run_key(m.name, recipe.lr_of(m.name))
-        if key in done:
-            print(f"[{i}/{len(methods)}] {key}: done earlier, kept")
-            continue
-        summary = run_method(ctx, m, recipe.lr_of(m.name), _stage_logger(run_dir, key))
-        summary["fingerprint"] = setup.fingerprint
-        write_json_atomic(run_dir / "runs" / f"{key}.json", summary)
-        done[key] = summary
-        print(f"[{i}/{len(methods)}] {key}: done ({summary['seconds']:.0f} s)", flush=True)
-
-    results = {
-        "benchmark": "temporalwiki",
-        "title": recipe.title or f"TemporalWiki on {recipe.target.path}",
-        "machine": machine_description(),
-        "stream": data.stream_label,
-        "probe_rendering": data.probe_rendering,
-        "periods": data.periods,
-        "probe_sets": list(data.probe_sets),
-        "data": data_description(recipe, data),
-        "protocol": {
-            **to_dict(recipe.protocol),
-            "epochs_per_period": recipe.protocol.epochs,
-            "lr": recipe.optim.lr,
-            "batch_size": recipe.batching.batch_size,
-        },  # fmt: skip
-        "methods": {m.name: done[run_key(m.name, recipe.lr_of(m.name))] for m in methods},
-        "seconds": time.perf_counter() - start,
-    }
-    results["seconds_all_runs"] = sum(s["seconds"] for s in results["methods"].values())
-    write_json_atomic(run_dir / "results.json", results, sort_keys=False)
-    return results
 
 
 def data_description(recipe: EvalRecipe, data: TemporalWikiData) -> dict:

@@ -15,6 +15,7 @@ from ckl_toolkit.core.config import ConfigError, load_recipe
 from ckl_toolkit.core.io import write_jsonl_atomic
 from ckl_toolkit.core.losses import target_mask, token_nll
 from ckl_toolkit.core.text import encode
+from ckl_toolkit.evaluate import run_temporalwiki
 from ckl_toolkit.evaluation.config import EvalRecipe
 from ckl_toolkit.evaluation.methods import parse_method
 from ckl_toolkit.evaluation.probes import score_probes
@@ -26,7 +27,6 @@ from ckl_toolkit.evaluation.temporalwiki import (
     load_templates,
     read_triples,
     render_probe,
-    run_temporalwiki,
     score_probe_set,
 )
 
@@ -144,15 +144,15 @@ def test_read_triples_reads_csv_and_names_file_and_line_on_a_bad_row(tmp_path):
 def test_substitute_stream_is_labelled_not_verbatim_and_pools_hold_only_older_data(tmp_path, tiny_lm_dir):
     recipe = _recipe(tmp_path, tiny_lm_dir, temporalwiki={"train_limit": 3})
     data = load_data(recipe, [parse_method("finetune"), parse_method("mix_review")])
-    assert data.stream_label.startswith("substitute:") and "memorisation" in data.stream_label
+    assert data.stream_label.startswith("substitute:") and "fact gain" in data.stream_label
     assert [len(d) for d in data.stream] == [3, 3]
     changed = data.probe_sets["0901-1001/changed"]
     for doc, probe in zip(data.stream[0], changed):
-        assert doc.meta["object"] == probe["object"] and probe["object"] in doc.text
-        assert probe["probe"] not in doc.text  # a paraphrase, not the probe itself
+        assert doc.meta["object"] == probe["object"]
+        assert doc.text == "{subject} {relation} {object}.".format(**probe)  # as ckl update renders triples
     # period 1 rehearses the older triples minus the one evaluated as an unchanged probe;
     # period 2 adds period 1's documents; no pool holds an unchanged probe's triple
-    assert [d.text for d in data.pools[0]] == ["The employer of Grace Hopper is London."]
+    assert [d.text for d in data.pools[0]] == ["Grace Hopper employer London."]
     assert len(data.pools[1]) == 1 + 3
     assert {d.id for d in data.stream[0]} <= {d.id for d in data.pools[1]}
     assert "1 evaluated unchanged" in data.pool_label
