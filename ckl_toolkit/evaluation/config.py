@@ -99,8 +99,13 @@ class TemporalWikiSpec:
         "render as TemporalWiki's '{subject} {relation} {object}'. The object always ends the probe.",
     )
     stream_template: str = fld(
-        "{subject} {relation} {object}.",
-        "How the substitute stream renders a triple (as ckl update's data.stream.triple_template does).",
+        "The {relation} of {subject} is {object}.",
+        "How the substitute stream renders a triple (as ckl update's data.stream.triple_template does); "
+        "also the fact gain's 'verbatim' probe (without the full stop).",
+    )
+    reworded_template: str = fld(
+        "{subject} {relation} {object}",
+        "The fact gain's 'reworded' probe: a wording no stream sentence has (the object last).",
     )
     control_per_relation: int = fld(
         5,
@@ -129,8 +134,19 @@ class TemporalWikiSpec:
         require(self.probe_limit >= 0, "probe_limit", "must be >= 0")
         require(self.train_limit >= 0, "train_limit", "must be >= 0")
         require(self.control_per_relation >= 1, "control_per_relation", "must be >= 1")
-        for key in ("subject", "relation", "object"):
-            require("{" + key + "}" in self.stream_template, "stream_template", f"needs {{{key}}}")
+        for name in ("stream_template", "reworded_template"):
+            template = getattr(self, name)
+            for key in ("subject", "relation", "object"):
+                require("{" + key + "}" in template, name, f"needs {{{key}}}")
+            require(
+                template.rstrip().removesuffix(".").rstrip().endswith("{object}"),
+                name,
+                "must end with {object}",
+            )
+        same = self.reworded_template.rstrip(". ") == self.stream_template.rstrip(". ")
+        require(
+            not same, "reworded_template", "must differ from stream_template (a wording not in the stream)"
+        )
 
 
 @dataclass

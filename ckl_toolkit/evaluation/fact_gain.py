@@ -9,8 +9,9 @@ So a night is scored against a control:
     fact gain      = mean over the night's facts i with a control of  Δ_i − Δ_{r(i)}
     fact gain (EM) = the same with exact match (after − before) instead of Δ
 
-measured on a phrasing the stream does not contain (``REWORDED``), and beside it on the stream's own
-phrasing (``VERBATIM``). Retention counts only facts the model answered exactly before the night:
+measured on a phrasing the stream does not contain ("reworded"), and beside it on the stream's own
+phrasing ("verbatim"); both are templates of the recipe (``temporalwiki.stream_template``,
+``temporalwiki.reworded_template``). Retention counts only facts the model answered exactly before the night:
 the share it still answers exactly after it.
 """
 
@@ -23,14 +24,18 @@ from dataclasses import dataclass
 
 from ckl_toolkit.evaluation.probes import score_probes
 
-VERBATIM = "{subject} {relation} {object}"  # the stream's rendering (the update's triple_template)
-REWORDED = "The {relation} of {subject} is {object}"  # a phrasing no stream sentence has
-PHRASINGS = {"verbatim": VERBATIM, "reworded": REWORDED}
-
 
 def render(triple: dict, template: str) -> str:
     """A probe of ``triple`` in ``template``; the object is its last word, so teacher forcing scores it."""
     return template.format(**triple)
+
+
+def probe_template(template: str) -> str:
+    """A sentence template as a probe: its trailing full stop dropped, so the object ends the probe."""
+    probe = template.rstrip().removesuffix(".").rstrip()
+    if not probe.endswith("{object}"):
+        raise ValueError(f"template {template!r}: the object must end it, so teacher forcing scores it")
+    return probe
 
 
 @dataclass
@@ -165,11 +170,13 @@ def _mean(values: Sequence[float]) -> float:
 
 @dataclass
 class Night:
-    """A night's facts (what its stream teaches) and their controls (same relations, not taught)."""
+    """A night's facts (what its stream teaches), their controls (same relations, not taught), and the
+    phrasings they are probed in (name -> probe template: "verbatim" the stream's, "reworded" another)."""
 
     name: str
     facts: list[dict]
     controls: list[dict]
+    phrasings: dict[str, str]
 
 
 NightScores = dict[str, tuple[ProbeResults, ProbeResults]]  # phrasing -> (facts, controls)
@@ -189,14 +196,14 @@ def score_night(model, tokenizer, night: Night, batch_size: int) -> NightScores:
             score_triples(model, tokenizer, night.facts, template, batch_size),
             score_triples(model, tokenizer, night.controls, template, batch_size),
         )
-        for name, template in PHRASINGS.items()
+        for name, template in night.phrasings.items()
     }
 
 
 def night_gains(night: Night, before: NightScores, after: NightScores) -> dict[str, dict]:
     """Per phrasing, the night's FactGain (as a dict) from the scores before and after it."""
     out = {}
-    for name in PHRASINGS:
+    for name in night.phrasings:
         (facts_before, controls_before), (facts_after, controls_after) = before[name], after[name]
         gain = fact_gain(
             night.facts, facts_before, facts_after, night.controls, controls_before, controls_after

@@ -30,7 +30,7 @@ from ckl_toolkit.core.config import ConfigError
 from ckl_toolkit.core.documents import Document
 from ckl_toolkit.core.io import read_jsonl
 from ckl_toolkit.evaluation.config import EvalRecipe
-from ckl_toolkit.evaluation.fact_gain import Night, control_set
+from ckl_toolkit.evaluation.fact_gain import Night, control_set, probe_template
 from ckl_toolkit.evaluation.methods import Method
 from ckl_toolkit.evaluation.probes import score_probes
 
@@ -65,7 +65,11 @@ def render_probe(triple: dict, templates: dict[str, str]) -> str:
     return template.replace("[X]", triple["subject"]).replace("[Y]", triple["object"])
 
 
-def render_stream_sentence(triple: dict, template: str) -> str:
+STREAM_TEMPLATE = "The {relation} of {subject} is {object}."  # the substitute stream (and the TA pairs)
+REWORDED_TEMPLATE = "{subject} {relation} {object}"  # TemporalWiki's own wording: no stream sentence has it
+
+
+def render_stream_sentence(triple: dict, template: str = STREAM_TEMPLATE) -> str:
     """A training sentence of the substitute stream (``ckl update`` renders triple rows the same way)."""
     return template.format(**triple)
 
@@ -259,7 +263,12 @@ def load_nights(recipe: EvalRecipe) -> list[Night]:
         facts = read_triples(_period_file(recipe, period, "changed"))
         facts = facts[: tw.train_limit] if tw.train_limit else facts
         candidates = read_triples(_period_file(recipe, period, "unchanged"))
-        nights.append(Night(period, facts, control_set(facts, candidates, tw.control_per_relation)))
+        controls = control_set(facts, candidates, tw.control_per_relation)
+        phrasings = {
+            "verbatim": probe_template(tw.stream_template),
+            "reworded": probe_template(tw.reworded_template),
+        }
+        nights.append(Night(period, facts, controls, phrasings))
     return nights
 
 

@@ -9,7 +9,6 @@ import torch
 
 from ckl_toolkit.core.documents import Document
 from ckl_toolkit.evaluation.fact_gain import (
-    REWORDED,
     Night,
     ProbeResults,
     control_set,
@@ -85,6 +84,10 @@ def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
 # ---------------------------------------------------------------------------------------------
 # The measure cannot be fooled by format: a night that only learned how triples read gains nothing.
 
+PHRASINGS = {
+    "verbatim": "{subject} {relation} {object}",
+    "reworded": "The {relation} of {subject} is {object}",
+}
 PEOPLE = [
     "Ada Lovelace",
     "Alan Turing",
@@ -119,7 +122,9 @@ def _night_gain(tiny_lm_dir, night: Night, stream: list[dict]) -> dict:
 
 
 def test_a_night_that_learned_only_the_format_has_no_fact_gain(tiny_lm_dir):
-    night = Night("n", _facts(PEOPLE[:4], 3), _facts(PEOPLE[4:], 5))  # facts and controls: never trained
+    night = Night(
+        "n", _facts(PEOPLE[:4], 3), _facts(PEOPLE[4:], 5), PHRASINGS
+    )  # facts and controls: never trained
     format_only = _facts(PEOPLE, 1) + _facts(PEOPLE, 2)  # same relations, other facts
     gain = _night_gain(tiny_lm_dir, night, format_only)
     assert gain["raw_nats"] > 0.5  # the raw drop says "learned"...
@@ -127,7 +132,10 @@ def test_a_night_that_learned_only_the_format_has_no_fact_gain(tiny_lm_dir):
 
 
 def test_a_night_that_learned_its_facts_has_a_fact_gain(tiny_lm_dir):
-    night = Night("n", _facts(PEOPLE[:4], 3), _facts(PEOPLE[4:], 5))
+    night = Night("n", _facts(PEOPLE[:4], 3), _facts(PEOPLE[4:], 5), PHRASINGS)
     gain = _night_gain(tiny_lm_dir, night, night.facts * 4)
     assert gain["nats"] > 0.5 and gain["nats"] > 0.5 * gain["raw_nats"]
-    assert render(night.facts[0], REWORDED) == f"The works for of Ada Lovelace is {night.facts[0]['object']}"
+    assert (
+        render(night.facts[0], PHRASINGS["reworded"])
+        == f"The works for of Ada Lovelace is {night.facts[0]['object']}"
+    )

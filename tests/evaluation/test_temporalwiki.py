@@ -149,10 +149,12 @@ def test_substitute_stream_is_labelled_not_verbatim_and_pools_hold_only_older_da
     changed = data.probe_sets["0901-1001/changed"]
     for doc, probe in zip(data.stream[0], changed):
         assert doc.meta["object"] == probe["object"]
-        assert doc.text == "{subject} {relation} {object}.".format(**probe)  # as ckl update renders triples
+        assert doc.text == "The {relation} of {subject} is {object}.".format(
+            **probe
+        )  # as the headline recipe
     # period 1 rehearses the older triples minus the one evaluated as an unchanged probe;
     # period 2 adds period 1's documents; no pool holds an unchanged probe's triple
-    assert [d.text for d in data.pools[0]] == ["Grace Hopper employer London."]
+    assert [d.text for d in data.pools[0]] == ["The employer of Grace Hopper is London."]
     assert len(data.pools[1]) == 1 + 3
     assert {d.id for d in data.stream[0]} <= {d.id for d in data.pools[1]}
     assert "1 evaluated unchanged" in data.pool_label
