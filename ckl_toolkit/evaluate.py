@@ -13,6 +13,7 @@ from its epoch 0; metrics.jsonl drops that run's partial records).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import defaultdict
@@ -314,6 +315,8 @@ def tradeoff(recipe: EvalRecipe, runs: dict[str, dict], plan) -> dict:
             if not night or "retention" not in night:
                 continue
             gain = night["fact_gain"]["reworded"]
+            if math.isnan(gain["nats"]) or math.isnan(night["retention"]["share"]):
+                continue  # no fact with a control, or the base knows none of the retention facts
             point = {"run": key, "lr": lr, "epochs": epochs or recipe.protocol.epochs}
             point.update(fact_gain=gain["nats"], fact_gain_em=gain["em"], raw_nats=gain["raw_nats"])
             points.append({**point, "retention": night["retention"]["share"]})
@@ -363,6 +366,9 @@ def run_temporalwiki(recipe: EvalRecipe) -> dict:
         "methods": {m.name: done[run_key(m.name, recipe.lr_of(m.name))] for m in methods},
         "seconds": time.perf_counter() - start,
     }
+    nights = {key: [s["night"] for s in done[key]["after"] if s.get("night")] for *_, key in plan}
+    if any(nights.values()):
+        results["nights"] = nights  # every run's nights (the methods above are the same-lr runs only)
     view = tradeoff(recipe, done, plan)
     if view:
         results["tradeoff"] = view

@@ -17,20 +17,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ckl_toolkit.core.io import atomic_file, write_text_atomic
+from ckl_toolkit.evaluation.nights_report import nights_section
+from ckl_toolkit.evaluation.plots import legend_outside as _legend_outside
+from ckl_toolkit.evaluation.plots import (
+    md_table,
+    save_figure_atomic,
+    write_text_shared,
+)
+from ckl_toolkit.evaluation.plots import new_figure as _new_figure
+from ckl_toolkit.evaluation.plots import rc as _rc
+from ckl_toolkit.evaluation.plots import style as _style
 
 RESULTS = "results.json"
-DPI = 120
 MAX_WIDTH_IN = 16.0  # heatmap panels wrap onto more rows beyond this figure width
 METRICS = ("acc", "em")
 
-# Up to 12 methods stay distinguishable: a colour *and* a marker each (tab10 plus two).
-COLORS = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-    "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#7b4173",
-)  # fmt: skip
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
-LINESTYLES = ("-", "--", "-.", ":")
 
 SUMMARY_NUMBERS = ("top_acc", "epoch", "nf_acc", "total", "top_em", "em_epoch", "nf_em")
 CURVES = ("to_learn", "to_learn_em", "not_to_forget", "not_to_forget_em")
@@ -42,16 +43,6 @@ METRIC_LABELS = {
     "nf_em": "NF EM",
 }
 NO_VALUE = "–"
-
-RC = {  # every text on a figure >= 9 pt
-    "font.size": 10,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "xtick.labelsize": 9,
-    "ytick.labelsize": 9,
-    "legend.fontsize": 9,
-    "figure.titlesize": 12,
-}
 
 
 # ----------------------------------------------------------------------------- loading and validation
@@ -199,20 +190,6 @@ def fmt_seconds(s: float | None) -> str:
     return NO_VALUE if s is None else f"{s:.1f}"
 
 
-def _cell(text: Any) -> str:
-    """A table cell: pipes would split the cell, newlines would end the table."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
-    """A GitHub markdown table; ``align`` is one letter per column (l/r), left by default."""
-    align = align.ljust(len(headers), "l")
-    sep = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _bold_best(
     values: dict[str, str], higher_is_better: bool = True, exclude: set[str] = frozenset()
 ) -> dict[str, str]:
@@ -241,48 +218,6 @@ def _key_value_table(mapping: dict, skip: Sequence[str] = ()) -> str:
 
 
 # ----------------------------------------------------------------------------- plotting helpers
-
-
-def _style(i: int) -> dict:
-    """Colour, marker and line style of the i-th method, stable across all plots of a report."""
-    return {
-        "color": COLORS[i % len(COLORS)],
-        "marker": MARKERS[i % len(MARKERS)],
-        "linestyle": LINESTYLES[(i // len(COLORS)) % len(LINESTYLES)],
-    }
-
-
-def _new_figure(width: float, height: float):
-    """A pyplot-free Agg figure: no global state, no GUI backend, safe inside any process."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def write_text_shared(path: Path, text: str) -> Path:
-    write_text_atomic(path, text)
-    return path
-
-
-def save_figure_atomic(fig, path: Path) -> Path:
-    """Render to a temporary sibling and rename, so a reader never sees a half-written PNG."""
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=DPI)
-    return path
-
-
-def _rc():
-    import matplotlib
-
-    return matplotlib.rc_context(RC)
-
-
-def _legend_outside(ax) -> None:
-    """Legend right of the axes: with 12 methods it would hide the curves inside."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
 
 
 # ----------------------------------------------------------------------------- LAMA-ckl
@@ -719,6 +654,9 @@ def write_temporalwiki_report(results: dict, out_dir: Path) -> list[Path]:
     md += [_final_table(methods, probe_sets), ""]
     md += ["## Forgetting (accuracy percentage points, lower is better)", ""]
     md += [_forgetting_table(methods, probe_sets), ""]
+    night_md, night_files = nights_section(results, out_dir)
+    md += night_md
+    written += night_files
     md += ["## Per method", ""]
     for name, method in methods.items():
         md += _method_section(name, method, probe_sets)

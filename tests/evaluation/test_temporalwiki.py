@@ -256,3 +256,60 @@ def test_recipe_checks_and_the_shipped_recipe_loads(tmp_path, tiny_lm_dir):
     r = load_recipe(EvalRecipe, "recipes/temporalwiki_eval.yaml")
     assert r.benchmark == "temporalwiki" and r.data.kind == "temporalwiki" and r.protocol.epochs == 1
     assert r.optim.lr == 1e-4 and "taalm+mix_review" in r.methods
+
+
+def test_nights_report_fact_gain_retention_and_the_lr_x_epochs_front(tmp_path, tiny_lm_dir):
+    from ckl_toolkit.evaluation.report import write_report
+
+    known = [
+        {"object": o, "task_descriptive": f"{s} was born in {o}"} for s, _, o in CHANGED["0901-1001"][:3]
+    ]
+    write_jsonl_atomic(
+        tmp_path / "keep.jsonl", known + [{"object": "x", "task_descriptive": "no object here"}]
+    )
+    sweep = {"lrs": [2e-2], "epochs": [2]}
+    recipe = _recipe(
+        tmp_path, tiny_lm_dir, sweep=sweep, temporalwiki={"retention": str(tmp_path / "keep.jsonl")}
+    )
+    res = run_temporalwiki(recipe)
+    assert sorted(res["nights"]) == [
+        "finetune@0.001",
+        "finetune@0.001,2ep",
+        "finetune@0.02",
+        "finetune@0.02,2ep",
+    ]
+    night = res["nights"]["finetune@0.02,2ep"][-1]  # the last period's night of one run
+    assert night["period"] == PERIODS[-1] and set(night["fact_gain"]) == {"verbatim", "reworded"}
+    gain = night["fact_gain"]["reworded"]
+    assert gain["nats"] == pytest.approx(gain["raw_nats"] - gain["control_nats"])
+    assert night["retention"]["known"] <= 3  # a fact whose object is not in its probe is not a retention fact
+    assert "tradeoff" not in res  # the random tiny model knows none of the retention facts: no point to plot
+    written = write_report(tmp_path / "run")
+    names = {p.name for p in written}
+    assert "report.md" in names and "tradeoff.png" not in names
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "fact gain against a control" in text and "raw drop / control" in text
+
+
+def test_the_tradeoff_keeps_every_scored_run_and_each_methods_front():
+    from ckl_toolkit.evaluate import tradeoff
+    from ckl_toolkit.evaluation.methods import parse_method
+
+    def run(gain: float, kept: float) -> dict:
+        night = {
+            "fact_gain": {"reworded": {"nats": gain, "em": 0.0, "raw_nats": gain + 1}},
+            "retention": {"share": kept},
+        }
+        return {"after": [{"stage": "base"}, {"stage": "p", "night": night}]}
+
+    ft, ta = parse_method("finetune"), parse_method("oracle")
+    plan = [(ft, 1e-4, None, "f1"), (ft, 1e-3, None, "f2"), (ft, 1e-3, 3, "f3"), (ta, 1e-4, None, "o1")]
+    runs = {"f1": run(0.1, 0.99), "f2": run(0.4, 0.95), "f3": run(0.3, 0.90), "o1": run(float("nan"), 0.99)}
+
+    class R:  # the recipe fields tradeoff() reads
+        protocol = type("P", (), {"epochs": 1})
+
+    view = tradeoff(R(), runs, plan)
+    assert [p["run"] for p in view["finetune"]["points"]] == ["f1", "f2", "f3"]
+    assert [p["run"] for p in view["finetune"]["front"]] == ["f2", "f1"]  # f3 is beaten by f2 on both
+    assert view["finetune"]["points"][2]["epochs"] == 3 and "oracle" not in view  # NaN gain: no point
