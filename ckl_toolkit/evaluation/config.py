@@ -194,7 +194,7 @@ class EvalRecipe:
         self._check_set_by_methods()
         for m in self.sweep.methods:
             require(m in self.methods, "sweep.methods", f"'{m}' is not in methods")
-        if self.sweep.lrs:
+        if self.sweep.lrs and self.benchmark == "lama_ckl":  # the equal-NF view's reference
             require(self.sweep.reference in self.methods, "sweep.reference", "must be one of methods")
         for m, lr in self.lr_overrides.items():
             require(m in self.methods, "lr_overrides", f"'{m}' is not in methods")
