@@ -219,6 +219,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
     if start:
         print0(f"resuming from step {start}")
     metrics = MetricsLogger(run_dir / "metrics.jsonl" if ctx.is_main else None)
+    metrics.resume_at(start)  # steps logged after the checkpoint are run (and logged) again
     mine = episode_slice(recipe.batch_size, ctx.rank, ctx.world)  # this rank's episodes of every meta-batch
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="meta-train",
                disable=not (recipe.progress and ctx.is_main))  # fmt: skip
