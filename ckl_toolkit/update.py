@@ -51,6 +51,7 @@ from ckl_toolkit.distributed.process import (
 from ckl_toolkit.nightly.config import UpdateRecipe
 from ckl_toolkit.nightly.contract import (
     ExitCode,
+    GateRejectedError,
     LockedError,
     NotLearnedError,
     RunLock,
@@ -259,6 +260,8 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
         _lambda_note(summary.recadam),
     )
 
+    gate = build_gate(recipe, version) if ctx.is_main else None  # its files are read (and checked) now
+
     # --- the learner: target θ (trained), weights (frozen source), optimizer inside its engine
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     learner = build_learner(
@@ -343,21 +346,30 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
     summary.documents_learned = sum(ledger.seen(d) for d in plan.new)  # all unseen when planned
     check_publishable(summary, recipe, finite)
 
-    # --- publish: a complete version appears by rename; only then does `current` move
+    # --- publish: a complete version appears by rename; the gate scores it; only then does `current` move
     meta = {"target_kind": recipe.target.kind, "recipe_hash": run_hash(recipe)}
     card = functools.partial(model_card, recipe, plan, summary)  # README.md of the version
-    new_version = publish(
-        out,
-        engine,
-        lambda tmp: export_target(learner.target, tmp),
-        plan,
-        ledger,
-        summary,
-        to_yaml(recipe),
-        meta,
-        recipe.keep_versions,
-        card,
-    )
+    try:
+        new_version = publish(
+            out,
+            engine,
+            lambda tmp: export_target(learner.target, tmp),
+            plan,
+            ledger,
+            summary,
+            to_yaml(recipe),
+            meta,
+            recipe.keep_versions,
+            card,
+            gate,
+        )
+    except GateRejectedError:  # the run is over: its documents stay unseen, its version stays rejected
+        summary.exit_code = int(ExitCode.GATE_REJECTED)
+        if ctx.is_main:
+            finish_work(work)
+            summary.versions = versions_info(out)
+            metrics.log(event="summary", **summary.to_dict())
+        raise
     summary.exit_code = int(ExitCode.OK)
     if ctx.is_main:
         finish_work(work)
@@ -397,6 +409,18 @@ def checkpoint_due(recipe: UpdateRecipe, step: int, last_save: float, engine, st
         if engine.all_mean(float(late)) > 0:
             return f"every {recipe.save_every_minutes:g} minutes"
     return None
+
+
+def build_gate(recipe: UpdateRecipe, version: Path | None):
+    """The quality gate as a function of the candidate version (None without a ``gate`` section).
+
+    The candidate is compared with the served version, or with ``target.path`` on the first night.
+    """
+    if not recipe.gate.enabled:
+        return None
+    gate = recipe.gate.build()
+    baseline = str(version) if version is not None else recipe.target.path
+    return functools.partial(gate.evaluate, baseline=baseline, dtype=recipe.target.dtype)
 
 
 def check_publishable(summary: RunSummary, recipe: UpdateRecipe, finite: bool) -> None:

@@ -43,6 +43,10 @@ def check_paths(recipe: UpdateRecipe) -> None:
         for path in stream.paths:
             if not glob.has_magic(path):  # a glob may match nothing on a quiet night
                 require_file(path, f"{field}.paths")
+    for name in ("canaries", "to_learn", "heldout"):
+        path = getattr(recipe.gate, name)
+        if path:
+            require_file(path, f"gate.{name}")
 
 
 @dataclass
