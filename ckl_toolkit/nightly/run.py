@@ -223,6 +223,7 @@ def model_card(recipe, plan: Plan, summary: RunSummary, version_dir: Path) -> No
     base = os.path.abspath(t.path) if not t.path.startswith("hf://") else t.path
     kind = {
         "full": "every weight (full fine-tune)",
+        "subset": f"only the base's {t.subset} weights (the rest frozen)",
         "kadapter": "K-Adapter blocks on the frozen base",
         "lora": f"LoRA r={t.lora.r}, alpha={t.lora.alpha} on {t.lora.target_modules}",
         "qlora": f"QLoRA (4-bit base) r={t.lora.r}, alpha={t.lora.alpha} on {t.lora.target_modules}",

@@ -27,10 +27,11 @@ from ckl_toolkit.training.batching import epoch_documents
 from ckl_toolkit.training.kadapter import KAdapterConfig
 from ckl_toolkit.training.mix_review import MixReviewConfig
 from ckl_toolkit.training.recadam import RecAdam, recadam_lambda
+from ckl_toolkit.training.subset import check_subset
 from ckl_toolkit.training.targets import Target, build_target
 from ckl_toolkit.training.weighers import Weigher, build_weigher
 
-TARGET_KINDS = ("full", "lora", "qlora", "kadapter")
+TARGET_KINDS = ("full", "subset", "lora", "qlora", "kadapter")
 EXPORTS = ("auto", "model", "merged", "adapter")
 WEIGHT_METHODS = ("taalm", "uniform", "oracle", "rho1")
 OPTIMIZERS = ("adamw", "recadam")
@@ -60,12 +61,17 @@ class TargetSpec:
     path: str = fld("", "HF causal-LM directory of the model before its first update.")
     kind: str = fld(
         "full",
-        "What trains: full (every weight), lora / qlora (peft adapters; qlora needs CUDA and "
-        "bitsandbytes), kadapter (frozen base + K-Adapter blocks).",
+        "What trains: full (every weight), subset (only target.subset of the base's weights), lora / qlora "
+        "(peft adapters; qlora needs CUDA and bitsandbytes), kadapter (frozen base + K-Adapter blocks).",
         choices=TARGET_KINDS,
     )
     dtype: str = fld("float32", "Parameter dtype of the target.", choices=tuple(DTYPES))
     attn_implementation: str = fld("sdpa", "Attention kernel of the target.", choices=("eager", "sdpa"))
+    subset: str = fld(
+        "attention",
+        "kind=subset: attention, mlp, mlp_gate_up, top_k_layers:K, freeze_bottom_k:K, or a regular "
+        "expression over parameter names (training.subset).",
+    )
     lora: LoraSpec = field(default_factory=LoraSpec)
     kadapter: KAdapterSpec = field(default_factory=KAdapterSpec)
     export: str = fld(
@@ -83,6 +89,11 @@ class TargetSpec:
     def __post_init__(self):
         check_choices(self)
         require(bool(self.path), "path", "a model directory is required")
+        if self.kind == "subset":
+            try:
+                check_subset(self.subset, "subset")
+            except ConfigError as e:
+                raise ConfigError(str(e)) from None
         export = self.export_kind
         require(
             export != "merged" or self.kind in ("lora", "qlora"),
@@ -90,12 +101,12 @@ class TargetSpec:
             f"'merged' needs target.kind lora or qlora, got {self.kind!r}",
         )
         require(
-            export != "adapter" or self.kind != "full",
+            export != "adapter" or self.kind not in ("full", "subset"),
             "export",
-            "a full fine-tune has no adapter; use 'model'",
+            "a full or subset fine-tune has no adapter; use 'model'",
         )
         require(
-            export != "model" or self.kind == "full",
+            export != "model" or self.kind in ("full", "subset"),
             "export",
             f"target.kind={self.kind!r} exports 'adapter' (or 'merged' for LoRA)",
         )
@@ -104,7 +115,7 @@ class TargetSpec:
     def export_kind(self) -> str:
         """``export`` with auto resolved: model for a full fine-tune, adapter otherwise."""
         if self.export == "auto":
-            return "model" if self.kind == "full" else "adapter"
+            return "model" if self.kind in ("full", "subset") else "adapter"
         return self.export
 
     def build(self, version: Path | None, seed: int) -> Target:
