@@ -212,7 +212,7 @@ def step_record(state: UpdateState, run: str, epoch: int, result: StepResult, en
     return {
         "event": "step", "run": run, "step": state.step, "epoch": epoch, "loss": result.loss,
         "w_mean": result.mean_weight, "grad_norm": result.grad_norm, "tokens": state.batching.tokens,
-        "tokens_per_s": state.tokens_per_s, "drift": engine.drift(),
+        "tokens_per_s": state.tokens_per_s, "drift": engine.drift(), "rows_dropped": result.rows_dropped,
     }  # fmt: skip
 
 
@@ -310,7 +310,8 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
         ):
             t0, c0 = time.perf_counter(), time.process_time()  # wall and CPU time of this step
             result = weighted_step(engine, batch, learner.weigher, tokenizer, guard,
-                                   recipe.weights.object_field, step=state.step + 1)  # fmt: skip
+                                   recipe.weights.object_field, step=state.step + 1,
+                                   sparsity=learner.sparsity)  # fmt: skip
             if not result.applied:  # NaN/inf on some rank: skipped (logged), abort after K in a row
                 metrics.log(event="skip", run=plan.run, step=state.step + 1, loss=result.loss)
 
@@ -318,6 +319,8 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
             state.step, state.cursor = state.step + 1, batch.cursor
             state.train_seconds += time.perf_counter() - t0
             state.cpu_seconds += time.process_time() - c0
+            state.rows_dropped += result.rows_dropped
+            state.empty_steps += int(not result.stepped)
             if result.applied:  # a skipped step learned nothing: its documents stay unseen
                 ledger.mark(d for d in batch.completed if d.id in new_ids)
             bar.update(batch.tokens)
@@ -447,6 +450,14 @@ def check_publishable(summary: RunSummary, recipe: UpdateRecipe, finite: bool) -
     why = f"lr {recipe.optim.lr:g}, {summary.steps} steps ({summary.skipped_steps} skipped)" + _lambda_note(
         summary.recadam
     )
+    if moved["tensors_changed"] == 0 and summary.empty_steps == summary.steps > 0:
+        note = (
+            f"weights.sparse dropped every row of the night ({summary.rows_dropped} rows without weight): "
+            "nothing was trained; the version records the documents as processed"
+        )
+        summary.warnings.append(note)
+        logger.warning(note)
+        return
     if moved["tensors_changed"] == 0:
         raise NotLearnedError(
             f"the trained weights did not move in {summary.steps} steps ({why}); nothing was published and "

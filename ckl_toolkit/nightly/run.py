@@ -56,6 +56,8 @@ class UpdateState:
     resumed_from: int = 0  # the step of the checkpoint this process started from
     batching: BatchStats = field(default_factory=BatchStats)
     guard: dict = field(default_factory=dict)  # NonFiniteGuard.state_dict()
+    rows_dropped: int = 0  # weights.sparse: rows never run (their documents count as processed)
+    empty_steps: int = 0  # weights.sparse: steps whose every row was dropped (no forward, no step)
 
     def state_dict(self) -> dict:
         return {**asdict(self), "cursor": self.cursor.to_json()}
@@ -88,6 +90,8 @@ class RunSummary:
     split_documents: int = 0
     steps: int = 0
     skipped_steps: int = 0
+    rows_dropped: int = 0  # weights.sparse: rows below doc_min_mass, never run
+    empty_steps: int = 0  # weights.sparse: steps without any row left
     train_seconds: float = 0.0
     tokens_per_s: float = 0.0
     cpu_seconds: float = 0.0
@@ -114,6 +118,7 @@ class RunSummary:
             state.step,
             skipped_steps,
         )
+        self.rows_dropped, self.empty_steps = state.rows_dropped, state.empty_steps
         self.train_seconds, self.cpu_seconds = round(state.train_seconds, 3), round(state.cpu_seconds, 3)
         self.tokens_per_s, self.resumed_from, self.seconds = (
             state.tokens_per_s,

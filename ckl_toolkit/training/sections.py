@@ -2,6 +2,7 @@
 
     target      what trains: full / lora / qlora / kadapter           -> TargetSpec.build -> Target
     weights     which tokens count: uniform / oracle / taalm / rho1    -> WeightSpec.build -> Weigher
+                (weights.sparse: TA-gated sparse updates                -> SparseSpec.build -> Sparsity)
     optim       AdamW or RecAdam, lr, clipping                         -> OptimSpec.build -> Optimizer
     mix_review  how much older data to rehearse (the pool is data)     -> MixReviewSpec.epoch -> documents
     batching    rows, windows of long documents, packing, shuffling    -> training.batching.batches
@@ -27,6 +28,7 @@ from ckl_toolkit.training.batching import epoch_documents
 from ckl_toolkit.training.kadapter import KAdapterConfig
 from ckl_toolkit.training.mix_review import MixReviewConfig
 from ckl_toolkit.training.recadam import RecAdam, recadam_lambda
+from ckl_toolkit.training.step import Sparsity
 from ckl_toolkit.training.subset import check_subset
 from ckl_toolkit.training.targets import Target, build_target
 from ckl_toolkit.training.weighers import Weigher, build_weigher
@@ -124,6 +126,29 @@ class TargetSpec:
 
 
 @dataclass
+class SparseSpec:
+    doc_min_mass: float = fld(
+        0.0,
+        "Skip a row (a document, its window, or a packed row) whose token-weight mass Σw, after "
+        "token_min_weight, is below this: no forward, backward or LM head for it (0: off).",
+    )
+    token_min_weight: float = fld(
+        0.0, "Token weights below this become 0: those tokens leave the loss (0: off)."
+    )
+    weighted_head: bool = fld(
+        False,
+        "Run the LM head and cross-entropy only at targets whose weight is > 0 (same loss, less compute).",
+    )
+
+    def __post_init__(self):
+        require(self.doc_min_mass >= 0, "doc_min_mass", "must be >= 0")
+        require(0 <= self.token_min_weight <= 1, "token_min_weight", "must be in [0, 1]")
+
+    def build(self) -> Sparsity:
+        return Sparsity(self.doc_min_mass, self.token_min_weight, self.weighted_head)
+
+
+@dataclass
 class WeightSpec:
     method: str = fld(
         "uniform",
@@ -146,9 +171,16 @@ class WeightSpec:
     )
     keep_ratio: float = fld(0.6, "rho1: fraction of the batch's tokens kept.")
     object_field: str = fld("object", "oracle: document field holding the object string.")
+    sparse: SparseSpec = field(default_factory=SparseSpec)
 
     def __post_init__(self):
         check_choices(self)
+        require(
+            self.method != "rho1" or not self.sparse.build().active,
+            "sparse",
+            "RHO-1's weights need the target's losses first; sparse updates gate on weights known before "
+            "the forward (taalm, oracle, uniform)",
+        )
         require(
             self.method != "taalm" or bool(self.ta_path),
             "ta_path",
