@@ -10,8 +10,9 @@ verdict and every failing probe go into the candidate's ``gate.json`` and ``gate
 leaves the candidate marked rejected and ``current`` where it was (exit 8, docs/ARCHITECTURE.md §8).
 
 A probe file is JSONL, one fact per line: ``{"probe": "...", "object": "..."}`` (the object must
-occur in the probe; its last occurrence is scored) or ``{"subject", "relation", "object"}`` (probed
-as "subject relation object"); an ``id`` field names the fact in the report (else ``file:line``).
+occur in the probe; its last occurrence is scored; ``gate.probe_field`` names another field, e.g.
+LAMA-ckl's ``task_descriptive``) or ``{"subject", "relation", "object"}`` (probed as "subject
+relation object"); an ``id`` (or ``uuid``) field names the fact in the report (else ``file:line``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class GateSpec:
     max_length: int = fld(128, "Tokens per probe or held-out document (longer ones are truncated).")
     batch_size: int = fld(32, "Probes or documents per forward.")
     max_heldout: int = fld(500, "Held-out documents scored (the first ones; 0: all).")
+    probe_field: str = fld(
+        "probe", "The probe files' probe field (LAMA-ckl / `ckl data synth` rows: task_descriptive)."
+    )
 
     def __post_init__(self):
         require(0.0 <= self.max_canary_drop <= 1.0, "max_canary_drop", "must be in [0, 1]")
@@ -70,8 +74,8 @@ class GateSpec:
 
     def build(self) -> Gate:
         """The gate with its probes and text read (bad files fail here, naming file:line and field)."""
-        canaries = load_probes(self.canaries, "gate.canaries") if self.canaries else []
-        to_learn = load_probes(self.to_learn, "gate.to_learn") if self.to_learn else []
+        canaries = load_probes(self.canaries, "gate.canaries", self.probe_field) if self.canaries else []
+        to_learn = load_probes(self.to_learn, "gate.to_learn", self.probe_field) if self.to_learn else []
         heldout = load_texts(self.heldout, "gate.heldout", self.max_heldout) if self.heldout else []
         return Gate(self, canaries, to_learn, heldout)
 
@@ -83,8 +87,8 @@ def _read_lines(path: str, field: str) -> list[tuple[int, str]]:
         return [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
 
 
-def load_probes(path: str, field: str) -> list[dict]:
-    """Rows {id, probe, object} of a probe file.
+def load_probes(path: str, field: str, probe_field: str = "probe") -> list[dict]:
+    """Rows {id, probe, object} of a probe file (the probe read from ``probe_field``; ids from id or uuid).
 
     Raises:
         ConfigError: naming ``field``, file:line and what is wrong with the row.
@@ -99,15 +103,18 @@ def load_probes(path: str, field: str) -> list[dict]:
         obj = row.get("object")
         if not isinstance(obj, str) or not obj.strip():
             raise ConfigError(f"{where}: field 'object' is missing or empty")
-        if "probe" in row:
-            probe = row["probe"]
+        if probe_field in row:
+            probe = row[probe_field]
             if not isinstance(probe, str) or obj not in probe:
-                raise ConfigError(f"{where}: field 'probe' must be a string that contains the object {obj!r}")
+                raise ConfigError(
+                    f"{where}: field '{probe_field}' must be a string that contains the object {obj!r}"
+                )
         elif all(isinstance(row.get(k), str) and row[k].strip() for k in ("subject", "relation")):
             probe = f"{row['subject']} {row['relation']} {obj}"
         else:
-            raise ConfigError(f"{where}: needs 'probe', or 'subject' and 'relation' (with 'object')")
-        probes.append({"id": str(row.get("id", f"{Path(path).name}:{line}")), "probe": probe, "object": obj})
+            raise ConfigError(f"{where}: needs '{probe_field}', or 'subject' and 'relation' (with 'object')")
+        name = row.get("id", row.get("uuid", f"{Path(path).name}:{line}"))
+        probes.append({"id": str(name), "probe": probe, "object": obj})
     if not probes:
         raise ConfigError(f"{field}: {path} holds no probes")
     return probes

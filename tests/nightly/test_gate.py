@@ -221,6 +221,16 @@ def test_gate_files_are_checked_naming_file_line_and_field(tmp_path):
     assert load_probes(str(tmp_path / "t.jsonl"), "f") == [
         {"id": "x", "probe": "Ada lives in London", "object": "London"}
     ]
+    lama = {
+        "uuid": "u1",
+        "task_descriptive": "Ada has a house in London",
+        "object": "London",
+        "evidence": "...",
+    }
+    write_jsonl(tmp_path / "l.jsonl", [lama])
+    assert load_probes(str(tmp_path / "l.jsonl"), "f", "task_descriptive") == [
+        {"id": "u1", "probe": "Ada has a house in London", "object": "London"}
+    ]
     with pytest.raises(ConfigError, match="max_canary_drop"):
         GateSpec(canaries="x", max_canary_drop=2)
 
