@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--token-min-weight", type=float, default=0.5)
-    p.add_argument("--doc-min-mass", type=float, default=1.0)
+    p.add_argument("--doc-min-mass", type=float, default=0.5)
     p.add_argument("--nf-limit", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
