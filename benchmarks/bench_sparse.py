@@ -1,17 +1,21 @@
 """Dense vs TA-gated sparse updates on a stream where most documents carry no new fact.
 
-    python benchmarks/bench_sparse.py --demo runs/demo_quick --out benchmarks/results/sparse.json
+    python benchmarks/bench_sparse.py --demo runs/demo --out benchmarks/results/sparse.json
 
-Needs a ``ckl demo`` output (``ckl demo --quick --out runs/demo_quick``): its world, pretrained base and
-TA model. The stream: every TO-LEARN evidence document (one new fact each) and, per new document,
-``--no-fact`` documents that carry none: the same kind of evidence with its new-fact sentence removed
-(filler and restatements of known facts), and biographies of people outside TO-LEARN (facts the base
-already knows). Two ``ckl update`` runs train on it with TA weights, the same recipe, seed and epochs:
-dense, and with ``weights.sparse`` (token_min_weight, doc_min_mass, weighted_head). For each: stream
-tokens per second of training, wall time, learned TO-LEARN facts (exact match on the held-out probe
-wording) and NOT-TO-FORGET exact match (the candidates the base completes exactly), and how the TA
-weight mass separates new-fact from no-fact documents. One run each; figures depend on the machine
-and its load (recorded).
+Needs a ``ckl demo`` output (``ckl demo`` or ``ckl demo --quick --out DIR``): its world, pretrained
+base and TA model. A stream holds every TO-LEARN evidence document (one new fact each) and, per new
+document, ``--no-fact`` documents that carry none, of one of two kinds:
+
+    chatter  fact-free filler (the world's filler sentences, 12 a document, as long as an evidence
+             document's filler): what most of a news or web crawl is
+    known    biographies of people outside TO-LEARN: facts the base already knows
+
+Two ``ckl update`` runs train on each stream with TA weights, the same recipe, seed and epochs: dense,
+and with ``weights.sparse`` (token_min_weight, doc_min_mass, weighted_head). For each: stream tokens
+per second of training, wall time, rows dropped, learned TO-LEARN facts (exact match on the held-out
+probe wording) and NOT-TO-FORGET exact match (candidates the base completes exactly), and how the TA
+weight mass separates new-fact from no-fact documents. One run each; figures depend on the machine and
+its load (recorded).
 """
 
 from __future__ import annotations
@@ -43,30 +47,61 @@ from ckl_toolkit.training.weighers import TextBatch, ta_source  # noqa: E402
 from ckl_toolkit.update import update  # noqa: E402
 
 
-def strip_fact(row: dict) -> str:
-    """The evidence without its new-fact sentence (the one naming both subject and new object)."""
+def filler_only(row: dict, fillers: set[str]) -> str:
+    """The evidence without its new fact and without its restatements: only the filler chatter."""
     sents = [s.strip() for s in row["evidence"].split(".") if s.strip()]
-    kept = [s for s in sents if not (row["subject"] in s and row["object"] in s)]
-    return ". ".join(kept) + "."
+    return ". ".join(s for s in sents if s in fillers) + "."
 
 
-def build_stream(world: Path, no_fact: int, seed: int, max_new: int = 0) -> tuple[list[dict], list[dict]]:
-    """(stream documents with a ``kind``, TO-LEARN rows), interleaved new / no-fact in a seeded order."""
+def fact_sentences(world: Path) -> set[str]:
+    """Every sentence that states a fact (pretraining biographies hold one filler sentence each)."""
+    out = set()
+    for b in read_jsonl(world / "pretrain.jsonl"):
+        out.update(s.strip() for s in b["text"].split(".") if s.strip())
+    for r in read_jsonl(world / "to_learn.jsonl"):
+        out.update(s.strip() for s in r["evidence"].split(".") if r["object"] in s and r["subject"] in s)
+    return out
+
+
+def build_stream(
+    world: Path, no_fact: int, kind: str, seed: int, max_new: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """(stream documents with a ``kind``, TO-LEARN rows): every new-fact document and ``no_fact`` others each.
+
+    kind "chatter": the no-fact documents are evidence filler alone (no fact, new or known);
+    kind "known": biographies of people outside TO-LEARN (facts the base already knows).
+    """
     import random
 
     rng = random.Random(seed)
     to_learn = read_jsonl(world / "to_learn.jsonl")
     to_learn = to_learn[:max_new] if max_new else to_learn
-    subjects = {r["subject"] for r in to_learn}
-    bios = [b for b in read_jsonl(world / "pretrain.jsonl") if not any(s in b["text"] for s in subjects)]
-    rng.shuffle(bios)
     docs = [{"id": f"new{i}", "text": r["evidence"], "kind": "new"} for i, r in enumerate(to_learn)]
-    for i, r in enumerate(to_learn):  # one stripped evidence per fact, the rest biographies
-        docs.append({"id": f"stripped{i}", "text": strip_fact(r), "kind": "no_fact"})
-    need = max(0, no_fact * len(to_learn) - len(to_learn))
-    if len(bios) < need:
-        raise SystemExit(f"{world}: only {len(bios)} biographies outside TO-LEARN, {need} needed")
-    docs += [{"id": f"bio{j}", "text": b["text"], "kind": "no_fact"} for j, b in enumerate(bios[:need])]
+    need = no_fact * len(to_learn)
+    if kind == "chatter":
+        facts = fact_sentences(world)
+        rows = read_jsonl(world / "to_learn.jsonl")
+        fillers = {
+            s.strip() for r in rows for s in r["evidence"].split(".") if s.strip() and s.strip() not in facts
+        }
+        texts = [filler_only(r, fillers) for r in rows]
+        texts = [t for t in texts if len(t) > 40]
+        rng.shuffle(texts)
+        # as long as an evidence document's filler: 12 filler sentences drawn from the whole pool
+        pool = sorted({sent.rstrip(".") for t in texts for sent in t.split(". ")})
+        texts = [". ".join(rng.sample(pool, 12)) + "." for _ in range(need)]
+    else:
+        subjects = {r["subject"] for r in read_jsonl(world / "to_learn.jsonl")}
+        bios = [
+            b["text"]
+            for b in read_jsonl(world / "pretrain.jsonl")
+            if not any(x in b["text"] for x in subjects)
+        ]
+        rng.shuffle(bios)
+        if len(bios) < need:
+            raise SystemExit(f"{world}: only {len(bios)} biographies outside TO-LEARN, {need} needed")
+        texts = bios[:need]
+    docs += [{"id": f"{kind}{j}", "text": t, "kind": "no_fact"} for j, t in enumerate(texts)]
     rng.shuffle(docs)
     return docs, to_learn
 
@@ -159,17 +194,21 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--token-min-weight", type=float, default=0.5)
-    p.add_argument("--doc-min-mass", type=float, default=0.5)
+    p.add_argument("--doc-min-mass", type=float, default=3.0)
     p.add_argument("--nf-limit", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--streams",
+        nargs="+",
+        default=["chatter", "known"],
+        choices=["chatter", "known"],
+        help="no-fact documents: fact-free filler chatter, and/or biographies of known facts",
+    )
     p.add_argument(
         "--max-new", type=int, default=0, help="only the first N TO-LEARN facts (0: all; smoke tests)"
     )
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    docs, to_learn = build_stream(args.demo / "world", args.no_fact, args.seed, args.max_new)
-    stream = args.work / "stream.jsonl"
-    write_jsonl_atomic(stream, [{"id": d["id"], "text": d["text"]} for d in docs])
     sparsity = Sparsity(args.doc_min_mass, args.token_min_weight, True)
     sparse = [
         f"weights.sparse.token_min_weight={args.token_min_weight}",
@@ -177,9 +216,8 @@ def main() -> None:
         "weights.sparse.weighted_head=true",
     ]
     base, tok, _ = load_model(args.demo / "base")
-    nf = select_known(
-        base, tok, read_jsonl(args.demo / "world" / "not_to_forget_candidates.jsonl"), limit=args.nf_limit
-    )
+    nf_rows = read_jsonl(args.demo / "world" / "not_to_forget_candidates.jsonl")
+    nf = select_known(base, tok, nf_rows, limit=args.nf_limit)
     result = {
         "machine": {
             "platform": platform.platform(),
@@ -187,29 +225,41 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "load_before": os.getloadavg(),
         },
-        "stream": {"documents": len(docs), "new_fact": len(to_learn), "no_fact": len(docs) - len(to_learn)},
-        "base": {"to_learn_em": em(base, tok, to_learn), "nf_em": 1.0, "nf_facts": len(nf)},
-        "ta_weight_mass": weight_mass(
-            str(args.demo / "meta" / "ta"), str(args.demo / "base"), docs, sparsity, args.max_length
-        ),
-        "runs": {},
+        "demo": str(args.demo),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "nf_facts": len(nf),
+        "streams": {},
     }
-    for mode in ("dense", "sparse"):
-        r = run(mode, args, stream, args.work / mode, sparse)
-        model, tok, _ = load_model(r["version"])
-        r["learned_em"], r["nf_em"] = em(model, tok, to_learn), em(model, tok, nf)
-        result["runs"][mode] = r
-        print(mode, json.dumps({k: v for k, v in r.items() if k != "overrides"}), flush=True)
-    d, s = result["runs"]["dense"], result["runs"]["sparse"]
-    result["speedup_tokens_per_s"] = round(s["stream_tokens_per_s"] / d["stream_tokens_per_s"], 2)
-    result["speedup_wall"] = round(d["wall_seconds"] / s["wall_seconds"], 2)
+    for kind in args.streams:
+        docs, to_learn = build_stream(args.demo / "world", args.no_fact, kind, args.seed, args.max_new)
+        stream = args.work / kind / "stream.jsonl"
+        write_jsonl_atomic(stream, [{"id": d["id"], "text": d["text"]} for d in docs])
+        entry = {
+            "documents": len(docs),
+            "new_fact": len(to_learn),
+            "no_fact": len(docs) - len(to_learn),
+            "base_to_learn_em": em(base, tok, to_learn),
+            "ta_weight_mass": weight_mass(
+                str(args.demo / "meta" / "ta"), str(args.demo / "base"), docs, sparsity, args.max_length
+            ),
+            "runs": {},
+        }
+        for mode in ("dense", "sparse"):
+            r = run(mode, args, stream, args.work / kind / mode, sparse)
+            model, mtok, _ = load_model(r["version"])
+            r["learned_em"], r["nf_em"] = em(model, mtok, to_learn), em(model, mtok, nf)
+            entry["runs"][mode] = r
+            print(kind, mode, json.dumps({k: v for k, v in r.items() if k != "overrides"}), flush=True)
+        d, sp = entry["runs"]["dense"], entry["runs"]["sparse"]
+        entry["speedup_tokens_per_s"] = round(sp["stream_tokens_per_s"] / d["stream_tokens_per_s"], 2)
+        entry["speedup_wall"] = round(d["wall_seconds"] / sp["wall_seconds"], 2)
+        result["streams"][kind] = entry
+        print(
+            kind,
+            json.dumps({k: entry[k] for k in ("ta_weight_mass", "speedup_tokens_per_s", "speedup_wall")}),
+        )
     result["machine"]["load_after"] = os.getloadavg()
     write_json_atomic(args.out, result)
-    print(
-        json.dumps(
-            {k: result[k] for k in ("stream", "ta_weight_mass", "speedup_tokens_per_s", "speedup_wall")}
-        )
-    )
     print(f"wrote {args.out}")
 
 
