@@ -195,6 +195,10 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--token-min-weight", type=float, default=0.5)
     p.add_argument("--doc-min-mass", type=float, default=3.0)
+    p.add_argument(
+        "--doc-token-weight", type=float, default=0.0, help="count only these tokens in a row's mass"
+    )
+    p.add_argument("--skip-dense", type=Path, default=None, help="reuse the dense runs of this earlier JSON")
     p.add_argument("--nf-limit", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -209,10 +213,11 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    sparsity = Sparsity(args.doc_min_mass, args.token_min_weight, True)
+    sparsity = Sparsity(args.doc_min_mass, args.token_min_weight, True, args.doc_token_weight)
     sparse = [
         f"weights.sparse.token_min_weight={args.token_min_weight}",
         f"weights.sparse.doc_min_mass={args.doc_min_mass}",
+        f"weights.sparse.doc_token_weight={args.doc_token_weight}",
         "weights.sparse.weighted_head=true",
     ]
     base, tok, _ = load_model(args.demo / "base")
@@ -244,7 +249,12 @@ def main() -> None:
             ),
             "runs": {},
         }
+        earlier = json.loads(args.skip_dense.read_text())["streams"].get(kind) if args.skip_dense else None
+        if earlier is not None:  # the same stream and recipe: its dense run is not repeated
+            entry["runs"]["dense"] = earlier["runs"]["dense"]
         for mode in ("dense", "sparse"):
+            if mode in entry["runs"]:
+                continue
             r = run(mode, args, stream, args.work / kind / mode, sparse)
             model, mtok, _ = load_model(r["version"])
             r["learned_em"], r["nf_em"] = em(model, mtok, to_learn), em(model, mtok, nf)

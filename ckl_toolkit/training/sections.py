@@ -139,13 +139,19 @@ class SparseSpec:
         False,
         "Run the LM head and cross-entropy only at targets whose weight is > 0 (same loss, less compute).",
     )
+    doc_token_weight: float = fld(
+        0.0,
+        "A row's mass for doc_min_mass counts only tokens weighted at least this (0: all); unlike "
+        "token_min_weight it leaves the loss of the rows kept unchanged.",
+    )
 
     def __post_init__(self):
         require(self.doc_min_mass >= 0, "doc_min_mass", "must be >= 0")
         require(0 <= self.token_min_weight <= 1, "token_min_weight", "must be in [0, 1]")
+        require(0 <= self.doc_token_weight <= 1, "doc_token_weight", "must be in [0, 1]")
 
     def build(self) -> Sparsity:
-        return Sparsity(self.doc_min_mass, self.token_min_weight, self.weighted_head)
+        return Sparsity(self.doc_min_mass, self.token_min_weight, self.weighted_head, self.doc_token_weight)
 
 
 @dataclass

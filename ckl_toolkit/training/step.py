@@ -85,6 +85,7 @@ class Sparsity:
     doc_min_mass: float = 0.0  # drop rows whose weight mass Σw (in tokens) is below this
     token_min_weight: float = 0.0  # weights below this become 0: those tokens leave the loss
     weighted_head: bool = False  # LM head + cross-entropy only where a weight is > 0
+    doc_token_weight: float = 0.0  # a row's mass counts only tokens weighted at least this (loss unchanged)
 
     @property
     def active(self) -> bool:
@@ -183,11 +184,18 @@ def weighted_step(
 
 
 def sparse_rows(w: torch.Tensor, real: torch.Tensor, sparsity: Sparsity) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights with tokens under ``token_min_weight`` zeroed, (b,) bool rows kept)."""
+    """(weights with tokens under ``token_min_weight`` zeroed, (b,) bool rows kept).
+
+    A row's mass counts the tokens weighted at least ``doc_token_weight``: with a TA model whose floor
+    weight is small but not 0, the floor summed over a long row would otherwise outweigh a new fact.
+    """
     if sparsity.token_min_weight > 0:
         w = torch.where(w >= sparsity.token_min_weight, w, torch.zeros_like(w))
-    mass = (w * real).sum(dim=1)  # (b,) weight mass per row, in tokens
-    return w, (mass > 0) & (mass >= sparsity.doc_min_mass)
+    counted = w * real
+    if sparsity.doc_token_weight > 0:
+        counted = torch.where(w >= sparsity.doc_token_weight, counted, torch.zeros_like(counted))
+    mass = counted.sum(dim=1)  # (b,) weight mass per row, in tokens
+    return w, ((w * real).sum(dim=1) > 0) & (mass >= sparsity.doc_min_mass)
 
 
 def sparse_step(

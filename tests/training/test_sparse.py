@@ -114,3 +114,12 @@ def test_an_update_whose_every_document_is_below_the_mass_publishes_the_ledger(t
     assert night2.exit_code == 0 and night2.empty_steps == night2.steps > 0 and night2.warnings
     ids = current_version(tmp_path / "out") / "ledger.json"
     assert all(f'"g{i}"' in ids.read_text() for i in range(3))  # processed: not learned again tomorrow
+
+
+def test_the_mass_can_count_only_heavy_tokens_and_leave_the_loss_alone(tiny_lm_dir):
+    w = torch.tensor([[0.1, 0.1, 0.9, 0.1], [0.2, 0.2, 0.2, 0.2]])  # a fact among floor weights; all floor
+    real = torch.ones_like(w, dtype=torch.bool)
+    kept, rows = sparse_rows(w, real, Sparsity(doc_min_mass=0.5, doc_token_weight=0.5))
+    assert torch.equal(kept, w) and rows.tolist() == [True, False]  # the floor never adds up to a fact
+    _, rows = sparse_rows(w, real, Sparsity(doc_min_mass=0.5))
+    assert rows.tolist() == [True, True]  # counted over every token, the floor of row 2 passes
