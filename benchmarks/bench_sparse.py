@@ -42,7 +42,7 @@ from ckl_toolkit.evaluation.probes import score_probes  # noqa: E402
 from ckl_toolkit.nightly.config import UpdateRecipe  # noqa: E402
 from ckl_toolkit.nightly.contract import current_version  # noqa: E402
 from ckl_toolkit.nightly.export import load_model  # noqa: E402
-from ckl_toolkit.training.step import Sparsity, sparse_rows  # noqa: E402
+from ckl_toolkit.training.step import Sparsity, row_mass, sparse_rows  # noqa: E402
 from ckl_toolkit.training.weighers import TextBatch, ta_source  # noqa: E402
 from ckl_toolkit.update import update  # noqa: E402
 
@@ -113,19 +113,20 @@ def weight_mass(ta_path: str, base: str, docs: list[dict], sparsity: Sparsity, m
 
     tok = load_tokenizer(base)
     source, _ = ta_source(ta_path, "auto", "max", tok, torch.device("cpu"))
-    out: dict[str, list[float]] = {"new": [], "no_fact": []}
+    out: dict[str, list[tuple[float, bool]]] = {"new": [], "no_fact": []}
     for i in range(0, len(docs), 16):
         chunk = docs[i : i + 16]
         enc = encode(tok, [d["text"] for d in chunk], max_length)
         w = source(TextBatch(enc, [d["text"] for d in chunk]))  # (B, T-1)
-        w, keep = sparse_rows(w, target_mask(enc.attention_mask), sparsity)
-        for d, m in zip(chunk, (w * target_mask(enc.attention_mask)).sum(1).tolist()):
-            out[d["kind"]].append(m)
+        real = target_mask(enc.attention_mask)
+        w, keep = sparse_rows(w, real, sparsity)
+        for d, m, k in zip(chunk, row_mass(w, real, sparsity).tolist(), keep.tolist()):
+            out[d["kind"]].append((m, k))
 
-    def stats(xs: list[float]) -> dict:
-        xs = sorted(xs)
+    def stats(rows: list[tuple[float, bool]]) -> dict:
+        xs = sorted(m for m, _ in rows)
         q = lambda f: xs[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
-        dropped = sum(x == 0 or x < sparsity.doc_min_mass for x in xs)
+        dropped = sum(not k for _, k in rows)
         return {
             "n": len(xs),
             "min": xs[0],

@@ -184,18 +184,23 @@ def weighted_step(
 
 
 def sparse_rows(w: torch.Tensor, real: torch.Tensor, sparsity: Sparsity) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights with tokens under ``token_min_weight`` zeroed, (b,) bool rows kept).
-
-    A row's mass counts the tokens weighted at least ``doc_token_weight``: with a TA model whose floor
-    weight is small but not 0, the floor summed over a long row would otherwise outweigh a new fact.
-    """
+    """(weights with tokens under ``token_min_weight`` zeroed, (b,) bool rows kept)."""
     if sparsity.token_min_weight > 0:
         w = torch.where(w >= sparsity.token_min_weight, w, torch.zeros_like(w))
+    keep = ((w * real).sum(dim=1) > 0) & (row_mass(w, real, sparsity) >= sparsity.doc_min_mass)
+    return w, keep
+
+
+def row_mass(w: torch.Tensor, real: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
+    """(b,) weight mass per row, in tokens, over the tokens weighted at least ``doc_token_weight``.
+
+    With a TA model whose floor weight is small but not 0, the floor summed over a long row would
+    otherwise outweigh a new fact.
+    """
     counted = w * real
     if sparsity.doc_token_weight > 0:
         counted = torch.where(w >= sparsity.doc_token_weight, counted, torch.zeros_like(counted))
-    mass = counted.sum(dim=1)  # (b,) weight mass per row, in tokens
-    return w, ((w * real).sum(dim=1) > 0) & (mass >= sparsity.doc_min_mass)
+    return counted.sum(dim=1)
 
 
 def sparse_step(
