@@ -98,7 +98,7 @@ def train_epoch(learner: Learner, docs: list[Document], batching: BatchSpec, gua
         result = weighted_step(
             learner.engine, batch, learner.weigher, learner.tokenizer, guard, sparsity=learner.sparsity
         )
-        if result.applied:
+        if result.applied and result.stepped:  # a sparse batch with no row left has no loss
             losses.append(result.loss)
     return sum(losses) / len(losses) if losses else math.nan
 
