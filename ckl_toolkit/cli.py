@@ -41,7 +41,10 @@ def _recipe_class(job: str):
 
 
 def _guess_job(recipe: Path) -> str:
-    """An update recipe has a ``target`` section, an eval recipe ``methods`` or ``benchmark``; else meta."""
+    """An eval recipe has ``methods`` or ``benchmark``, an update recipe a ``target`` section; else meta.
+
+    Eval recipes embed the update's training sections (``target`` among them), so they are told first.
+    """
     import yaml
 
     try:
@@ -50,9 +53,9 @@ def _guess_job(recipe: Path) -> str:
         return "meta"  # load_recipe then reports the file or YAML error with its line
     if not isinstance(data, dict):
         return "meta"
-    if "target" in data:
-        return "update"
-    return "eval" if "methods" in data or "benchmark" in data else "meta"
+    if "methods" in data or "benchmark" in data:
+        return "eval"
+    return "update" if "target" in data else "meta"
 
 
 def _fail(e: Exception) -> None:
