@@ -148,7 +148,8 @@ def resolve_refs(refs: list[dict], config: StreamConfig | None) -> list[Document
     out = []
     for r in refs:
         doc = rows.get((r["shard"], r["line"]))
-        if doc is None or text_hash(doc.text) != r["fp"]:
+        same_id = doc is not None and (doc.id == r["id"] or r["id"].startswith(doc.id + "#"))  # new_version
+        if not same_id or text_hash(doc.text) != r["fp"]:
             raise ValueError(
                 f"{r['shard']}:{r['line']}: document {r['id']!r} is gone or its text changed since this run "
                 "was planned, so the run cannot resume over the same documents; restore the shard, or "

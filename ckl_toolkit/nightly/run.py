@@ -27,7 +27,7 @@ from pathlib import Path
 from ckl_toolkit.core.checkpoint import load_step as core_load_step
 from ckl_toolkit.core.checkpoint import save_step as core_save_step
 from ckl_toolkit.core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
-from ckl_toolkit.nightly.contract import current_version, list_versions, publish_version
+from ckl_toolkit.nightly.contract import current_version, fault_point, list_versions, publish_version
 from ckl_toolkit.nightly.idstore import IdStore, open_ledger
 from ckl_toolkit.nightly.plan import Plan
 from ckl_toolkit.training.batching import BatchStats, Cursor
@@ -129,6 +129,7 @@ def save_step(work: Path, engine, state: UpdateState, ledger: IdStore, keep: int
 
     def commit(staging: Path) -> None:
         ledger.commit(staging / LEDGER_FILE, "checkpoint", f"{run} step {state.step}")
+        fault_point("ledger_committed")  # tests: killed between the store's commit and the rename
 
     core_save_step(work / "checkpoints", state.step, engine, state.state_dict(), keep, write_main=commit)
 

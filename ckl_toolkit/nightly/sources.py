@@ -429,6 +429,7 @@ class DocumentStream:
         self.stats = StreamStats()
         self.watermarks = watermarks
         self._progress: dict[str, list] = {}  # shard -> [offset, line, docs, eof] of this pass
+        self.decisions: dict[str, str] = {}  # shard -> new, skip, resume, rescan or reread (watermarked)
         self._quarantine = _Quarantine(Path(config.quarantine_dir)) if config.quarantine_dir else None
 
     def shards(self) -> list[str]:
@@ -467,6 +468,7 @@ class DocumentStream:
         for shard in self.shards():
             fmt = _shard_format(shard, self.config.format)
             plan = decide(shard, self.watermarks.get(shard), fmt, settings)
+            self.decisions[shard] = plan.action
             if plan.action == "reread":
                 logger.info("%s: the stream settings changed since it was read: reading it again", shard)
             if plan.action == "rescan":
