@@ -8,7 +8,7 @@ once; a checkpoint or a version commits a state and records only a reference to 
     meta(key, value)                      the store's format and the next commit number
     commits(seq, base, root, kind, label, created, added, total)
     ids(id, seq, fingerprint)             one row per id learned, in the commit that learned it
-    watermarks(path, seq, offset, line, docs, eof, fingerprint, settings)   per shard, when it moved
+    watermarks(path, seq, offset, line, docs, eof, fingerprint, settings, stat)  per shard, when it moved
 
 State S holds the ids rows with R <= seq <= S (R: the root of its line, see below) and, per shard,
 the watermark row of highest seq in that range. Commit numbers only grow. Committing on top of base
@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS ids (
     id TEXT NOT NULL, seq INTEGER NOT NULL, fingerprint BLOB, PRIMARY KEY (id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS watermarks (
     path TEXT NOT NULL, seq INTEGER NOT NULL, "offset" INTEGER, line INTEGER, docs INTEGER,
-    eof INTEGER, fingerprint TEXT, settings TEXT, PRIMARY KEY (path, seq)) WITHOUT ROWID;
+    eof INTEGER, fingerprint TEXT, settings TEXT, stat TEXT, PRIMARY KEY (path, seq)) WITHOUT ROWID;
 """
 
 
@@ -205,11 +205,11 @@ class IdStore:
         if not self.seq:
             return {}
         rows = self._query(
-            'SELECT path, "offset", line, docs, eof, fingerprint, settings, MAX(seq) FROM watermarks '
+            'SELECT path, "offset", line, docs, eof, fingerprint, settings, stat, MAX(seq) FROM watermarks '
             "WHERE seq BETWEEN ? AND ? GROUP BY path",
             (self.root, self.seq),
         )
-        return {r[0]: Watermark(r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows if r[1] is not None}
+        return {r[0]: Watermark(r[1], r[2], r[3], bool(r[4]), *r[5:8]) for r in rows if r[1] is not None}
 
     # --- commits
 
@@ -240,7 +240,7 @@ class IdStore:
             ]
             db.executemany("INSERT INTO ids VALUES (?, ?, ?)", rows)
             db.executemany(
-                "INSERT INTO watermarks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO watermarks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(p, seq, *_watermark_row(w)) for p, w in sorted((watermarks or {}).items())],
             )
             total = self._total + len(rows)
@@ -300,8 +300,8 @@ class IdStore:
 
 def _watermark_row(w: Watermark | None) -> tuple:
     if w is None:  # the shard's watermark is dropped: the next night reads it whole
-        return (None,) * 6
-    return w.offset, w.line, w.docs, int(w.eof), w.fingerprint, w.settings
+        return (None,) * 7
+    return w.offset, w.line, w.docs, int(w.eof), w.fingerprint, w.settings, w.stat
 
 
 def _now() -> str:

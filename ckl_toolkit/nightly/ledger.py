@@ -129,5 +129,5 @@ def unseen_documents(
             doc = on_changed(doc, "learned before" if doc.id not in passed else "met earlier in this run")
             if doc is None or doc.id in passed or ledger.seen(doc):
                 continue
-        passed[doc.id] = text_hash(doc.text)
+        passed[doc.id] = fingerprint  # on_changed keeps the text
         yield doc

@@ -45,7 +45,7 @@ from ckl_toolkit.core.config import ConfigError, check_choices, fld, require
 from ckl_toolkit.core.documents import Document, Position
 from ckl_toolkit.core.hashing import text_hash
 from ckl_toolkit.core.io import JsonlError, append_jsonl, parse_json_object
-from ckl_toolkit.nightly.watermarks import SEEKABLE, Watermark, decide, prefix_fingerprint
+from ckl_toolkit.nightly.watermarks import SEEKABLE, Watermark, decide
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +167,27 @@ def resolve_shards(paths: list[str], fmt: str = "auto") -> list[str]:
         is_glob = glob.has_magic(entry)
         for m in map(Path, glob.glob(entry, recursive=True) if is_glob else [entry]):
             if m.is_dir():
-                found.update(str(f) for f in m.rglob("*") if _is_shard(f, m, fmt))
+                found.update(_walk_shards(str(m), fmt))
             elif m.is_file() and (not is_glob or _is_shard(m, m.parent, fmt)):
                 found.add(str(m))  # a file named literally is taken whatever its extension
             elif not m.exists():
                 raise FileNotFoundError(f"paths: {entry} does not exist")
     return sorted({os.path.normpath(p) for p in found})
+
+
+def _walk_shards(root: str, fmt: str) -> Iterator[str]:
+    """The shards under a directory, hidden entries skipped (scandir, not pathlib: a night lists thousands
+    of consumed shards, and a directory entry knows its type without a stat)."""
+    with os.scandir(root) as entries:
+        for e in entries:
+            if e.name.startswith("."):  # a writer's temp file or directory
+                continue
+            if e.is_dir(follow_symlinks=False):
+                yield from _walk_shards(e.path, fmt)
+            elif e.is_file():
+                kind = EXTENSIONS.get(os.path.splitext(e.name)[1].lower())
+                if kind is not None and fmt in ("auto", "hf", kind):
+                    yield e.path
 
 
 def _is_shard(f: Path, root: Path, fmt: str) -> bool:
@@ -184,9 +199,10 @@ def _is_shard(f: Path, root: Path, fmt: str) -> bool:
 def _shard_format(shard: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    if Path(shard).suffix.lower() not in EXTENSIONS:
+    suffix = os.path.splitext(shard)[1].lower()
+    if suffix not in EXTENSIONS:
         raise ConfigError(f"format: cannot tell the format of {shard} from its extension; set format")
-    return EXTENSIONS[Path(shard).suffix.lower()]
+    return EXTENSIONS[suffix]
 
 
 def _read_jsonl(path: str, after: int, max_chars: int, offset: int = 0) -> Iterator[Record]:
@@ -488,7 +504,7 @@ class DocumentStream:
         """The watermark of every shard this (watermarked) pass read, as far as it consumed it."""
         out, settings = {}, self.settings_hash()
         for shard, (offset, line, docs, eof) in self._progress.items():
-            out[shard] = Watermark(offset, line, docs, eof, prefix_fingerprint(shard, offset), settings)
+            out[shard] = Watermark.of(shard, offset, line, docs, eof, settings)
         return out
 
     def _read_shard(self, shard: str, after: int, offset: int = 0, docs: int = 0) -> Iterator[Document]:

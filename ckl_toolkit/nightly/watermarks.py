@@ -14,11 +14,13 @@ bytes after it, resume after the watermark (JSONL and CSV seek to ``offset``; pa
 re-read up to ``line``); prefix changed (rewritten, truncated), rescan it whole with a warning, the
 id store skipping what was learned from it before.
 
-The fingerprint is SHA-256 over the prefix length and a few 4 KiB blocks of it (the first, the last
-and 6 evenly spaced): constant I/O per shard, so a night over a thousand consumed shards reads about
-32 MB, not the history. Appends never touch those bytes; a rewrite, truncation or reordering that
-moves bytes under a sampled block or changes the length is caught. An edit that keeps a prefix's
-length and misses every sampled block is not: edit a document under a new id, in a new shard.
+A shard whose inode, modification time (ns) and size are those recorded when it was consumed to its
+end is skipped on a ``stat`` alone, as ``make`` and ``rsync`` trust them. Any other shard with a
+watermark is fingerprinted: SHA-256 over the prefix length and a few 4 KiB blocks of it (the first,
+the last and 6 evenly spaced), constant I/O per shard (32 KiB), not the history. Appends never touch
+those bytes; a rewrite, truncation or reordering that moves bytes under a sampled block or changes
+the length is caught. An edit that keeps the file's length, and its modification time or the sampled
+blocks, is not: edit a document under a new id, in a new shard.
 """
 
 from __future__ import annotations
@@ -42,20 +44,22 @@ class Watermark:
     eof: bool
     fingerprint: str
     settings: str = ""
+    stat: str = ""  # "inode:mtime_ns" when the prefix was the whole file, else ""
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, obj: dict) -> Watermark:
-        values = (
-            int(obj["offset"]),
-            int(obj["line"]),
-            int(obj["docs"]),
-            bool(obj["eof"]),
-            obj["fingerprint"],
-        )
-        return cls(*values, obj.get("settings", ""))
+        values = (int(obj["offset"]), int(obj["line"]), int(obj["docs"]), bool(obj["eof"]))
+        return cls(*values, obj["fingerprint"], obj.get("settings", ""), obj.get("stat", ""))
+
+    @classmethod
+    def of(cls, path: str, offset: int, line: int, docs: int, eof: bool, settings: str) -> Watermark:
+        """The watermark of ``path``'s first ``offset`` bytes, read up to ``line``."""
+        st = os.stat(path)
+        untouched = f"{st.st_ino}:{st.st_mtime_ns}" if st.st_size == offset else ""
+        return cls(offset, line, docs, eof, prefix_fingerprint(path, offset), settings, untouched)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,10 @@ def decide(path: str, mark: Watermark | None, fmt: str, settings: str = "") -> D
         return Decision("new")
     if mark.settings != settings:
         return Decision("reread")
-    size = os.path.getsize(path)
+    st = os.stat(path)
+    size = st.st_size
+    if mark.stat and mark.stat == f"{st.st_ino}:{st.st_mtime_ns}" and size == mark.offset and mark.eof:
+        return Decision("skip", mark.line, mark.offset, mark.docs)  # not touched since: not even sampled
     if size < mark.offset or prefix_fingerprint(path, mark.offset) != mark.fingerprint:
         return Decision("rescan")
     nothing_after = size == mark.offset and (mark.eof or fmt in SEEKABLE)
