@@ -67,7 +67,7 @@ class IdStore:
     ``commit`` to write the marked ids (and watermarks) as the next state.
 
     Args:
-        path: the SQLite file (created on the first commit).
+        path: the SQLite file (created, with its schema, when first opened for writing).
         seq, root: the state (0, 0: empty).
         readonly: never write (a dry run); ``commit`` refuses.
     """
@@ -106,6 +106,7 @@ class IdStore:
                     self._create_schema(self._db)
                 fmt = self._db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
             except sqlite3.DatabaseError as e:
+                self._db.close()
                 self._db = None
                 raise ValueError(
                     f"{self.path}: unreadable ledger store ({e}); restore it, never delete it"
