@@ -89,13 +89,20 @@ def generate(data: Path, history: int, shard_docs: int, chars: int) -> list[Path
     return shards
 
 
+def stream_config(out: Path, data: Path):
+    """The stream as a recipe gives it (bad records quarantined); history and night read it alike."""
+    from ckl_toolkit.nightly.sources import StreamConfig
+
+    return StreamConfig(paths=[str(data)], quarantine_dir=str(out / "quarantine"))
+
+
 def build_history(out: Path, data: Path) -> Path:
     """The served state after the history was learned: every id in the store, every shard's watermark."""
     from ckl_toolkit.nightly.idstore import open_ledger
-    from ckl_toolkit.nightly.sources import DocumentStream, StreamConfig
+    from ckl_toolkit.nightly.sources import DocumentStream
 
     ledger = open_ledger(out, None)
-    stream = DocumentStream(StreamConfig(paths=[str(data)], on_error="fatal"), watermarks={})
+    stream = DocumentStream(stream_config(out, data), watermarks={})
     ref = out / "versions/v000001/ledger.json"
     for n, doc in enumerate(stream, start=1):
         ledger.mark([doc])
@@ -109,12 +116,11 @@ def night(out: Path, data: Path, ref: Path, checkpoints: int) -> dict:
     """One night's planning and commits (run in a fresh process)."""
     from ckl_toolkit.nightly.idstore import open_ledger
     from ckl_toolkit.nightly.plan import collect_plan
-    from ckl_toolkit.nightly.sources import StreamConfig
 
     base_rss = rss_mb()
     t0 = time.perf_counter()
     ledger = open_ledger(out, ref)
-    plan = collect_plan(StreamConfig(paths=[str(data)], on_error="fatal"), None, ledger, None, "bench", "")
+    plan = collect_plan(stream_config(out, data), None, ledger, None, "bench", "")
     plan_s = time.perf_counter() - t0
     peak = rss_mb()
     work = out / "work-bench"
@@ -144,11 +150,10 @@ def baseline(out: Path, data: Path) -> dict:
     """The pass before watermarks: a JSON ledger of every id, every shard read from its first line."""
     from ckl_toolkit.nightly.ledger import DocumentLedger
     from ckl_toolkit.nightly.plan import collect_plan
-    from ckl_toolkit.nightly.sources import StreamConfig
 
     t0 = time.perf_counter()
     ledger = DocumentLedger(out / "baseline-ledger.json")
-    plan = collect_plan(StreamConfig(paths=[str(data)], on_error="fatal"), None, ledger, None, "bench", "")
+    plan = collect_plan(stream_config(out, data), None, ledger, None, "bench", "")
     plan_s = time.perf_counter() - t0
     ledger.mark(plan.new[:8])
     t1 = time.perf_counter()
@@ -184,10 +189,10 @@ def run_history(args, history: int) -> dict:
     build_s = time.perf_counter() - t0
     if history <= args.baseline_upto:  # the JSON ledger of the history, as the code before wrote it
         from ckl_toolkit.nightly.ledger import DocumentLedger
-        from ckl_toolkit.nightly.sources import DocumentStream, StreamConfig
+        from ckl_toolkit.nightly.sources import DocumentStream
 
         legacy = DocumentLedger(out / "baseline-ledger.json")
-        legacy.mark(DocumentStream(StreamConfig(paths=[str(data)], on_error="fatal")))
+        legacy.mark(DocumentStream(stream_config(out, data)))
         legacy.commit()
     half = args.new // 2  # the night: appended to the last shard, and a new shard
     write_shard(shards[-1], history, half, args.chars, mode="a")

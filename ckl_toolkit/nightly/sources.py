@@ -453,8 +453,17 @@ class DocumentStream:
         shards = resolve_shards(self.config.paths, self.config.format)
         if self.config.quarantine_dir is None:
             return shards
-        quarantine = Path(self.config.quarantine_dir).resolve()
-        return [s for s in shards if not Path(s).resolve().is_relative_to(quarantine)]
+        quarantine = os.path.realpath(self.config.quarantine_dir)
+        folders: dict[str, bool] = {}  # a shard's folder, resolved once per folder (not per shard)
+
+        def inside(shard: str) -> bool:
+            folder = os.path.dirname(shard)
+            if folder not in folders:
+                real = os.path.realpath(folder)
+                folders[folder] = real == quarantine or real.startswith(quarantine + os.sep)
+            return folders[folder]
+
+        return [s for s in shards if not inside(s)]
 
     def __iter__(self) -> Iterator[Document]:
         if self.watermarks is not None:
