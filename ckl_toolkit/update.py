@@ -58,7 +58,7 @@ from ckl_toolkit.nightly.contract import (
     exit_code_for,
     reconcile,
 )
-from ckl_toolkit.nightly.ledger import DocumentLedger
+from ckl_toolkit.nightly.idstore import IdStore, open_ledger
 from ckl_toolkit.nightly.plan import collect_plan, load_plan, new_run_id
 from ckl_toolkit.nightly.preflight import check_paths, check_schedule, planned_work, resolve_run
 from ckl_toolkit.nightly.run import (
@@ -189,21 +189,36 @@ def plan_run(recipe: UpdateRecipe, out: Path, ctx: DistContext, version: Path | 
     """The interrupted run's plan, or a new one from the stream (rank 0 reads it; bad input stops here).
 
     Returns:
-        (plan, ledger): the plan as every rank sees it, and the ledger of the served version.
+        (plan, ledger): the plan as every rank sees it, and the ledger state of the served version
+        (rank 0 opens it, migrating a JSON ledger; the others read the state it names).
     """
     work, key = out / "work", run_hash(recipe)
-    plan = load_plan(work, version, key) if ctx.is_main else None
-    ledger = DocumentLedger(version / LEDGER_FILE if version else work / LEDGER_FILE)  # absent: empty
+    data, pool = recipe.data, recipe.data.pool if recipe.mix_review.mix_ratio > 0 else None
+    plan = load_plan(work, version, key, data.stream, pool) if ctx.is_main else None
+    ledger = open_ledger(out, version / LEDGER_FILE if version else None) if ctx.is_main else None
     if ctx.is_main and plan is None:
         finish_work(work)  # a stale run (other base version or recipe) is dropped; nothing of it was served
         oracle_field = recipe.weights.object_field if recipe.weights.method == "oracle" else None
-        data, pool = recipe.data, recipe.data.pool if recipe.mix_review.mix_ratio > 0 else None
         tokenizer = load_tokenizer(recipe.target.path)  # what it cannot tokenise is bad input
         plan = collect_plan(
-            data.stream, pool, ledger, version, new_run_id(), key, data.max_documents, oracle_field, tokenizer
+            data.stream,
+            pool,
+            ledger,
+            version,
+            new_run_id(),
+            key,
+            data.max_documents,
+            oracle_field,
+            tokenizer,
+            data.pool_sample,
+            recipe.mix_review.mix_ratio,
+            recipe.mix_review.seed,
         )
         plan.save(work)
         write_text_atomic(work / "recipe.yaml", to_yaml(recipe))
+    state = broadcast_object(ctx, (str(ledger.path), ledger.seq, ledger.root) if ctx.is_main else None)
+    if not ctx.is_main:
+        ledger = IdStore(state[0], state[1], state[2], readonly=True)
     return broadcast_object(ctx, plan), ledger
 
 
@@ -239,6 +254,8 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
             "nothing to learn: every document of the stream is in the ledger of %s", summary.base_version
         )
         if ctx.is_main:
+            if plan.watermarks:  # what was read stays read: a watermark-only state on top of the served one
+                ledger.commit(None, "advance", plan.run, plan.published_watermarks(ledger.seen))
             finish_work(work)
             metrics.log(event="summary", **summary.to_dict())
         summary.versions = versions_info(out)
@@ -283,7 +300,7 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
     state = UpdateState()
     ckpt = latest_checkpoint(work / "checkpoints")
     if ckpt is not None:
-        state, ledger = load_step(ckpt, engine)
+        state, ledger = load_step(ckpt, engine, out, ctx.is_main)
         guard.load_state_dict(state.guard)
         logger.info("resuming run %s from %s (step %d of %d)", plan.run, ckpt, state.step, todo.steps)
 
@@ -331,7 +348,7 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
             reason = checkpoint_due(recipe, state.step, last_save, engine, stopping)
             if reason:
                 state.guard = guard.state_dict()
-                save_step(work, engine, state, ledger, recipe.keep_checkpoints)
+                save_step(work, engine, state, ledger, recipe.keep_checkpoints, plan.run)
                 last_save = time.monotonic()
                 logger.info(
                     "checkpoint step %d of %d (%s): %s", state.step, todo.steps, reason, work / "checkpoints"

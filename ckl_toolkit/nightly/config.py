@@ -27,6 +27,11 @@ class UpdateDataSpec:
         "Mix-review's rehearsal pool: older documents, never an evaluation set (needs mix_review.mix_ratio).",
     )
     max_documents: int = fld(0, "New documents per run (0: all); the rest wait for the next run.")
+    pool_sample: int = fld(
+        10_000,
+        "Rehearsal pool documents a run keeps: a seeded reservoir sample over the pool's shards (at least "
+        "mix_ratio per new document; the whole pool when smaller); 0 keeps the whole pool.",
+    )
 
     moved: ClassVar[dict[str, str]] = {
         "max_length": "batching.max_length",
@@ -38,6 +43,7 @@ class UpdateDataSpec:
     def __post_init__(self):
         require(self.stream is not None, "stream", "required: give data.stream.paths")
         require(self.max_documents >= 0, "max_documents", "must be >= 0")
+        require(self.pool_sample >= 0, "pool_sample", "must be >= 0")
 
 
 @dataclass

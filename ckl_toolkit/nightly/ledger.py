@@ -1,7 +1,9 @@
-"""The seen-set of the nightly job: which document ids a served version has learned.
+"""The seen-set as one JSON file: which document ids a model has learned (a small, standalone ledger).
 
-Each version commits its ledger beside its model, and each step checkpoint beside its weights: ids
-committed before the model that learned them is saved would be lost by a crash in between.
+``ckl update`` keeps its ledger in the SQLite id store (``nightly.idstore``), which reads and migrates
+these files (``ckl-ledger/1`` and ``/2``); this class stays for small jobs and tools. Commit it
+together with the model that learned its ids: ids committed before that model is saved would be
+lost by a crash in between.
 """
 
 from __future__ import annotations
@@ -92,25 +94,40 @@ class DocumentLedger:
         stats: StreamStats | None = None,
         on_changed: Callable[[Document, str], Document | None] | None = None,
     ) -> Iterator[Document]:
-        """Documents not in the ledger, each id once per pass.
+        """Documents not in the ledger, each id once per pass (see ``unseen_documents``)."""
+        return unseen_documents(self, docs, stats, on_changed)
 
-        An id met again with the same text is skipped (``seen`` earlier, or a ``duplicate`` in this
-        pass). An id met again with *another* text goes to ``on_changed(doc, why)``, which returns
-        the document to learn instead (e.g. under a new id) or None; without it, it is skipped.
-        """
-        passed: dict[str, str] = {}
-        for doc in docs:
-            fingerprint = text_hash(doc.text)
-            if doc.id in passed or self.seen(doc):
-                same = passed[doc.id] == fingerprint if doc.id in passed else not self.changed(doc)
-                if stats is not None and (same or on_changed is None):  # else the handler reports it
-                    stats.skipped[
-                        ("duplicate" if doc.id in passed else "seen") if same else "changed_text"
-                    ] += 1
-                if same or on_changed is None:
-                    continue
-                doc = on_changed(doc, "learned before" if doc.id not in passed else "met earlier in this run")
-                if doc is None or doc.id in passed or self.seen(doc):
-                    continue
-            passed[doc.id] = text_hash(doc.text)
-            yield doc
+    def watermarks(self) -> dict:
+        """A JSON ledger keeps no shard watermarks: every shard is read whole."""
+        return {}
+
+    def ids(self) -> list[str]:
+        return sorted(self._committed.keys() | self._pending.keys())
+
+
+def unseen_documents(
+    ledger,
+    docs: Iterable[Document],
+    stats: StreamStats | None = None,
+    on_changed: Callable[[Document, str], Document | None] | None = None,
+) -> Iterator[Document]:
+    """Documents not in ``ledger`` (anything with ``seen`` and ``changed``), each id once per pass.
+
+    An id met again with the same text is skipped (``seen`` earlier, or a ``duplicate`` in this
+    pass). An id met again with *another* text goes to ``on_changed(doc, why)``, which returns
+    the document to learn instead (e.g. under a new id) or None; without it, it is skipped.
+    """
+    passed: dict[str, str] = {}
+    for doc in docs:
+        fingerprint = text_hash(doc.text)
+        if doc.id in passed or ledger.seen(doc):
+            same = passed[doc.id] == fingerprint if doc.id in passed else not ledger.changed(doc)
+            if stats is not None and (same or on_changed is None):  # else the handler reports it
+                stats.skipped[("duplicate" if doc.id in passed else "seen") if same else "changed_text"] += 1
+            if same or on_changed is None:
+                continue
+            doc = on_changed(doc, "learned before" if doc.id not in passed else "met earlier in this run")
+            if doc is None or doc.id in passed or ledger.seen(doc):
+                continue
+        passed[doc.id] = fingerprint  # on_changed keeps the text
+        yield doc

@@ -214,16 +214,14 @@ def resolve_run(recipe: UpdateRecipe, loss_chunk: int) -> dict:
     """
     from ckl_toolkit.core.models import load_tokenizer
     from ckl_toolkit.nightly.contract import current_version
-    from ckl_toolkit.nightly.ledger import DocumentLedger
+    from ckl_toolkit.nightly.idstore import open_ledger
     from ckl_toolkit.nightly.plan import collect_plan
     from ckl_toolkit.nightly.run import LEDGER_FILE
 
     check_paths(recipe)
     out = {"runtime": runtime(recipe)}
     version = current_version(recipe.output_dir)
-    ledger = DocumentLedger(
-        version / LEDGER_FILE if version else Path(recipe.output_dir) / "work" / LEDGER_FILE
-    )
+    ledger = open_ledger(recipe.output_dir, version / LEDGER_FILE if version else None, readonly=True)
     data = recipe.data
     with tempfile.TemporaryDirectory() as quarantine:  # a dry pass: bad records are counted, not kept
         stream = dataclasses.replace(data.stream, quarantine_dir=quarantine)
@@ -231,7 +229,20 @@ def resolve_run(recipe: UpdateRecipe, loss_chunk: int) -> dict:
         if pool is not None:
             pool = dataclasses.replace(pool, quarantine_dir=quarantine)
         oracle = recipe.weights.object_field if recipe.weights.method == "oracle" else None
-        plan = collect_plan(stream, pool, ledger, version, "dry-run", "", data.max_documents, oracle)
+        plan = collect_plan(
+            stream,
+            pool,
+            ledger,
+            version,
+            "dry-run",
+            "",
+            data.max_documents,
+            oracle,
+            None,
+            data.pool_sample,
+            recipe.mix_review.mix_ratio,
+            recipe.mix_review.seed,
+        )
     work = planned_work(recipe, plan, load_tokenizer(recipe.target.path))
     out["served_version"] = version.name if version else None
     out["documents"] = {

@@ -7,10 +7,12 @@ Layout (on top of ``contract``'s ``versions/`` and ``current``)::
         plan.json               the documents this run learns (and its rehearsal pool), fixed at start
         recipe.yaml
         checkpoints/step_N/     the engine's trainable tensors + optimizer (RecAdam anchors),
-                                state.json (UpdateState), rng per rank, ledger.json
+                                state.json (UpdateState), rng per rank, ledger.json (a reference)
+      ledger.sqlite             the id store: every learned id and shard watermark (nightly.idstore)
       metrics.jsonl             every run's records, tagged with the run id
       logs/update.log
-      versions/vNNNNNN/         model/ or adapter/, ledger.json, documents.jsonl, summary.json, recipe.yaml,
+      versions/vNNNNNN/         model/ or adapter/, ledger.json (a reference into ledger.sqlite),
+                                documents.jsonl (this version's documents), summary.json, recipe.yaml,
                                 gate.json + gate.md (with a gate), rejected.json (refused)
 """
 
@@ -36,7 +38,7 @@ from ckl_toolkit.nightly.contract import (
     serve_version,
 )
 from ckl_toolkit.nightly.gate import write_report
-from ckl_toolkit.nightly.ledger import DocumentLedger
+from ckl_toolkit.nightly.idstore import IdStore, open_ledger
 from ckl_toolkit.nightly.plan import Plan
 from ckl_toolkit.training.batching import BatchStats, Cursor
 
@@ -134,16 +136,25 @@ class RunSummary:
 # Checkpoints.
 
 
-def save_step(work: Path, engine, state: UpdateState, ledger: DocumentLedger, keep: int) -> None:
-    """A resumable checkpoint (collective): the engine, RNG per rank, the state, and the ledger so far."""
-    core_save_step(work / "checkpoints", state.step, engine, state.state_dict(), keep,
-                   write_main=lambda staging: ledger.commit(staging / LEDGER_FILE))  # fmt: skip
+def save_step(work: Path, engine, state: UpdateState, ledger: IdStore, keep: int, run: str = "") -> None:
+    """A resumable checkpoint (collective): the engine, RNG per rank, the state, and the ledger so far.
+
+    Rank 0 commits the ids learned since the last checkpoint to the id store, then writes the
+    reference to that state into the staging directory, which becomes ``step_N`` after it.
+    """
+
+    def commit(staging: Path) -> None:
+        ledger.commit(staging / LEDGER_FILE, "checkpoint", f"{run} step {state.step}")
+        fault_point("ledger_committed")  # tests: killed between the store's commit and the rename
+
+    core_save_step(work / "checkpoints", state.step, engine, state.state_dict(), keep, write_main=commit)
 
 
-def load_step(ckpt: Path, engine) -> tuple[UpdateState, DocumentLedger]:
+def load_step(ckpt: Path, engine, output_dir: Path, is_main: bool = True) -> tuple[UpdateState, IdStore]:
+    """The checkpoint's state and its ledger state (read-only on ranks other than 0, which never commit)."""
     state = UpdateState.from_state_dict(core_load_step(ckpt, engine))
     state.resumed_from = state.step
-    return state, DocumentLedger(ckpt / LEDGER_FILE)
+    return state, open_ledger(output_dir, ckpt / LEDGER_FILE, readonly=not is_main)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +166,7 @@ def publish(
     engine,
     export: Callable[[Path], list[str]],
     plan: Plan,
-    ledger: DocumentLedger,
+    ledger: IdStore,
     summary: RunSummary,
     recipe_yaml: str,
     version_meta: dict,
@@ -183,7 +194,9 @@ def publish(
                 learned = [
                     d for d in plan.new if ledger.seen(d)
                 ]  # unseen when planned: this run learned them
-                ledger.commit(tmp / LEDGER_FILE)
+                # the ids and watermarks as one state of the store; the version holds its reference
+                marks = plan.published_watermarks(ledger.seen)
+                ledger.commit(tmp / LEDGER_FILE, "version", plan.run, marks)
                 rows = [{"id": d.id, "shard": d.shard, "line": d.line} for d in learned]
                 write_jsonl_atomic(tmp / "documents.jsonl", rows)
                 (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
@@ -258,7 +271,7 @@ def model_card(recipe, plan: Plan, summary: RunSummary, version_dir: Path) -> No
         f"{moved.get('relative_change', 0):.3g}), {moved.get('tensors_changed', 0)} of "
         f"{moved.get('tensors', 0)} trained tensors",
         f"- **Run**: {plan.run}, period {plan.period}; documents.jsonl lists its documents, ledger.json "
-        "every id learned so far",
+        "references every id learned so far (in ledger.sqlite)",
         "",
         "## Load",
         "",

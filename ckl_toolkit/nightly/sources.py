@@ -45,6 +45,7 @@ from ckl_toolkit.core.config import ConfigError, check_choices, fld, require
 from ckl_toolkit.core.documents import Document, Position
 from ckl_toolkit.core.hashing import text_hash
 from ckl_toolkit.core.io import JsonlError, append_jsonl, parse_json_object
+from ckl_toolkit.nightly.watermarks import SEEKABLE, Watermark, decide
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +119,14 @@ class StreamConfig:
 class StreamStats:
     """Counts for metrics.jsonl. ``skipped`` keys: bad_json, non_utf8, bad_columns, missing_field,
     bad_type, empty_text, too_long, incomplete_tail (left for the next pass), seen (in the ledger),
-    duplicate (an id met earlier in this pass)."""
+    duplicate (an id met earlier in this pass). ``rescanned``: shards read again whole because the
+    part read by earlier runs changed."""
 
     read: int = 0
     blank: int = 0
     quarantined: int = 0
     skipped: Counter = field(default_factory=Counter)
+    rescanned: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "skipped": dict(sorted(self.skipped.items()))}
@@ -146,7 +149,10 @@ class _Bad(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Shards and readers. A reader yields (line, raw, row): row is a dict, None (blank) or a _Bad.
+# Shards and readers. A reader yields (line, raw, row, end): row is a dict, None (blank) or a _Bad;
+# end is the byte offset where the record ends (JSONL and CSV; None where records have none).
+
+Record = tuple[int, Any, Any, int | None]
 
 
 def resolve_shards(paths: list[str], fmt: str = "auto") -> list[str]:
@@ -161,12 +167,27 @@ def resolve_shards(paths: list[str], fmt: str = "auto") -> list[str]:
         is_glob = glob.has_magic(entry)
         for m in map(Path, glob.glob(entry, recursive=True) if is_glob else [entry]):
             if m.is_dir():
-                found.update(str(f) for f in m.rglob("*") if _is_shard(f, m, fmt))
+                found.update(_walk_shards(str(m), fmt))
             elif m.is_file() and (not is_glob or _is_shard(m, m.parent, fmt)):
                 found.add(str(m))  # a file named literally is taken whatever its extension
             elif not m.exists():
                 raise FileNotFoundError(f"paths: {entry} does not exist")
     return sorted({os.path.normpath(p) for p in found})
+
+
+def _walk_shards(root: str, fmt: str) -> Iterator[str]:
+    """The shards under a directory, hidden entries skipped (scandir, not pathlib: a night lists thousands
+    of consumed shards, and a directory entry knows its type without a stat)."""
+    with os.scandir(root) as entries:
+        for e in entries:
+            if e.name.startswith("."):  # a writer's temp file or directory
+                continue
+            if e.is_dir(follow_symlinks=False):
+                yield from _walk_shards(e.path, fmt)
+            elif e.is_file():
+                kind = EXTENSIONS.get(os.path.splitext(e.name)[1].lower())
+                if kind is not None and fmt in ("auto", "hf", kind):
+                    yield e.path
 
 
 def _is_shard(f: Path, root: Path, fmt: str) -> bool:
@@ -178,20 +199,25 @@ def _is_shard(f: Path, root: Path, fmt: str) -> bool:
 def _shard_format(shard: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    if Path(shard).suffix.lower() not in EXTENSIONS:
+    suffix = os.path.splitext(shard)[1].lower()
+    if suffix not in EXTENSIONS:
         raise ConfigError(f"format: cannot tell the format of {shard} from its extension; set format")
-    return EXTENSIONS[Path(shard).suffix.lower()]
+    return EXTENSIONS[suffix]
 
 
-def _read_jsonl(path: str, after: int, max_chars: int) -> Iterator[tuple[int, Any, Any]]:
+def _read_jsonl(path: str, after: int, max_chars: int, offset: int = 0) -> Iterator[Record]:
     # Bytes, not text: one undecodable line must be reported on its own, not end the shard.
+    # ``offset`` (a watermark) is where line ``after`` ends: seek there instead of reading the prefix.
     with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
+        f.seek(offset)
+        end = offset
+        for line, raw in enumerate(f, start=after + 1 if offset else 1):
+            end += len(raw)
             if line <= after:
                 continue
             if line == 1 and raw.startswith(BOM):  # editors on Windows start files with a byte-order mark
                 raw = raw[len(BOM) :]
-            yield line, raw, _parse_jsonl_line(raw)
+            yield line, raw, _parse_jsonl_line(raw), end
 
 
 def _parse_jsonl_line(raw: bytes) -> dict | _Bad | None:
@@ -212,38 +238,69 @@ def _parse_jsonl_line(raw: bytes) -> dict | _Bad | None:
         return _Bad("bad_json", "<json>", str(e))
 
 
-def _read_csv(path: str, after: int, max_chars: int) -> Iterator[tuple[int, Any, Any]]:
-    # surrogateescape keeps undecodable bytes as lone surrogates, found per row below;
-    # utf-8-sig drops the byte-order mark spreadsheets write, which would rename the first column.
-    with (
-        open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f,
-        _csv_field_limit(max_chars),
-    ):
-        reader = csv.reader(f)
+class _LineFeed:
+    """The lines of a binary file as text for ``csv.reader``, counting the bytes it has taken.
+
+    csv pulls one line at a time and never reads ahead, so after each record ``offset`` is where the
+    record ends: a watermark a later pass can seek to. Lines decode with surrogateescape (undecodable
+    bytes are found per row) and the first line loses a byte-order mark (spreadsheets write one, and it
+    would rename the first column).
+    """
+
+    def __init__(self, f):
+        self.f, self.offset = f, 0
+
+    def seek(self, offset: int) -> None:
+        self.f.seek(offset)
+        self.offset = offset
+
+    def __iter__(self) -> _LineFeed:
+        return self
+
+    def __next__(self) -> str:
+        raw = self.f.readline()
+        if not raw:
+            raise StopIteration
+        start, self.offset = self.offset, self.offset + len(raw)
+        if start == 0 and raw.startswith(BOM):
+            raw = raw[len(BOM) :]
+        return raw.decode("utf-8", "surrogateescape")
+
+
+def _read_csv(path: str, after: int, max_chars: int, offset: int = 0) -> Iterator[Record]:
+    with open(path, "rb") as f, _csv_field_limit(max_chars):
+        feed = _LineFeed(f)
+        reader = csv.reader(feed)
         header = next(reader, [])
+        base = 0  # physical lines before the feed's position when it was moved to ``offset``
+        if offset > feed.offset:  # a watermark: line ``after`` ends at ``offset``
+            feed.seek(offset)
+            base = after - reader.line_num
         while True:
             try:
                 values = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:  # a field over max_chars: that record is too long, the rest is read
+                line = base + reader.line_num
                 yield (
-                    reader.line_num,
-                    f"<csv record ending at line {reader.line_num}>",
+                    line,
+                    f"<csv record ending at line {line}>",
                     _Bad("too_long", "<row>", str(e)),
+                    feed.offset,
                 )
                 continue
-            line = reader.line_num
+            line = base + reader.line_num
             if line <= after:
                 continue
             raw = _csv_line(values)
             if not values:
-                yield line, raw, None
+                yield line, raw, None, feed.offset
             elif len(values) != len(header):
                 reason = f"{len(values)} fields, header has {len(header)}"
-                yield line, raw, _Bad("bad_columns", "<row>", reason)
+                yield line, raw, _Bad("bad_columns", "<row>", reason), feed.offset
             else:
-                yield line, raw, _check_utf8(dict(zip(header, values)))
+                yield line, raw, _check_utf8(dict(zip(header, values))), feed.offset
 
 
 @contextlib.contextmanager
@@ -272,14 +329,14 @@ def _check_utf8(row: dict) -> dict | _Bad:
     return row
 
 
-def _read_parquet(path: str, after: int, max_chars: int) -> Iterator[tuple[int, Any, Any]]:
+def _read_parquet(path: str, after: int, max_chars: int, offset: int = 0) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:  # read it through once: a shard that is corrupt anywhere is quarantined whole, not half-learned
         for _ in pq.ParquetFile(path).iter_batches(batch_size=1024):
             pass
     except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
-        yield 0, f"<parquet shard {path}>", _Bad("bad_shard", "<shard>", f"unreadable parquet ({e})")
+        yield 0, f"<parquet shard {path}>", _Bad("bad_shard", "<shard>", f"unreadable parquet ({e})"), None
         return
     line = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
@@ -289,10 +346,10 @@ def _read_parquet(path: str, after: int, max_chars: int) -> Iterator[tuple[int, 
         for row in batch.to_pylist():
             line += 1
             if line > after:
-                yield line, row, row
+                yield line, row, row, None
 
 
-def _read_hf(path: str, after: int, max_chars: int) -> Iterator[tuple[int, Any, Any]]:
+def _read_hf(path: str, after: int, max_chars: int, offset: int = 0) -> Iterator[Record]:
     import datasets
 
     builder = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}[_shard_format(path, "auto")]
@@ -301,7 +358,7 @@ def _read_hf(path: str, after: int, max_chars: int) -> Iterator[tuple[int, Any, 
     try:
         for row in ds.skip(after) if after else ds:
             line += 1
-            yield line, row, row
+            yield line, row, row, None
     except Exception as e:  # datasets parses whole chunks: no line to quarantine, the shard fails
         reason = f"datasets could not read it ({e}); format=jsonl quarantines line by line"
         raise StreamError(path, line + 1, "<shard>", reason) from e
@@ -364,16 +421,31 @@ def _doc_id(value: Any, text: str, id_field: str) -> str:
 
 
 class DocumentStream:
-    """One deterministic pass over the shards, from ``position`` on.
+    """One deterministic pass over the shards, from ``position`` on, or after each shard's watermark.
 
     ``position`` follows the pass (bad and blank records included): when a document is handed
-    out, it is that document's position. ``stats`` counts what the pass met.
+    out, it is that document's position, and ``record_offset`` the byte offset where its record
+    starts (None for parquet and ``hf``). ``stats`` counts what the pass met.
+
+    With ``watermarks`` (shard -> ``Watermark``, see ``nightly.watermarks``) the pass ignores
+    ``position`` and reads every shard from its own watermark: consumed unchanged shards are skipped
+    unopened, appended ones resumed, changed ones rescanned with a warning. ``new_watermarks()``
+    then gives the watermarks of the shards it read.
     """
 
-    def __init__(self, config: StreamConfig, position: Position | dict | None = None):
+    def __init__(
+        self,
+        config: StreamConfig,
+        position: Position | dict | None = None,
+        watermarks: dict[str, Watermark] | None = None,
+    ):
         self.config = config
         self.position = Position.from_json(position)
+        self.record_offset: int | None = None
         self.stats = StreamStats()
+        self.watermarks = watermarks
+        self._progress: dict[str, list] = {}  # shard -> [offset, line, docs, eof] of this pass
+        self.decisions: dict[str, str] = {}  # shard -> new, skip, resume, rescan or reread (watermarked)
         self._quarantine = _Quarantine(Path(config.quarantine_dir)) if config.quarantine_dir else None
 
     def shards(self) -> list[str]:
@@ -381,28 +453,104 @@ class DocumentStream:
         shards = resolve_shards(self.config.paths, self.config.format)
         if self.config.quarantine_dir is None:
             return shards
-        quarantine = Path(self.config.quarantine_dir).resolve()
-        return [s for s in shards if not Path(s).resolve().is_relative_to(quarantine)]
+        quarantine = os.path.realpath(self.config.quarantine_dir)
+        folders: dict[str, bool] = {}  # a shard's folder, resolved once per folder (not per shard)
+
+        def inside(shard: str) -> bool:
+            folder = os.path.dirname(shard)
+            if folder not in folders:
+                real = os.path.realpath(folder)
+                folders[folder] = real == quarantine or real.startswith(quarantine + os.sep)
+            return folders[folder]
+
+        return [s for s in shards if not inside(s)]
 
     def __iter__(self) -> Iterator[Document]:
+        if self.watermarks is not None:
+            yield from self._watermarked()
+            return
         start = self.position  # frozen: later updates of self.position do not move it
         for shard in self.shards():
             if start.shard is None or shard >= start.shard:
                 yield from self._read_shard(shard, start.line if shard == start.shard else 0)
 
-    def _read_shard(self, shard: str, after: int) -> Iterator[Document]:
-        reader = _READERS[_shard_format(shard, self.config.format)]
-        for line, raw, row in reader(shard, after, self.config.max_chars):
+    def settings_hash(self) -> str:
+        """The stream settings that decide what a shard's records mean (a watermark holds under them)."""
+        c = self.config
+        keys = (
+            c.format,
+            c.text_field,
+            c.id_field,
+            c.max_chars,
+            c.on_error,
+            c.on_duplicate,
+            c.triple_template,
+        )
+        return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+
+    def _watermarked(self) -> Iterator[Document]:
+        settings = self.settings_hash()
+        for shard in self.shards():
+            fmt = _shard_format(shard, self.config.format)
+            plan = decide(shard, self.watermarks.get(shard), fmt, settings)
+            self.decisions[shard] = plan.action
+            if plan.action == "reread":
+                logger.info("%s: the stream settings changed since it was read: reading it again", shard)
+            if plan.action == "rescan":
+                logger.warning(
+                    "%s: the part of this shard read by earlier runs changed (rewritten or truncated): "
+                    "rescanning it whole; ids learned from it before are not learned again",
+                    shard,
+                )
+                self.stats.rescanned.append(shard)
+            if plan.docs:  # the consumed prefix's documents, met by earlier runs: reported as seen
+                self.stats.read += plan.docs
+                self.stats.skipped["seen"] += plan.docs
+            if plan.action != "skip":
+                yield from self._read_shard(shard, plan.line, plan.offset, plan.docs)
+
+    def new_watermarks(self) -> dict[str, Watermark]:
+        """The watermark of every shard this (watermarked) pass read, as far as it consumed it."""
+        out, settings = {}, self.settings_hash()
+        for shard, (offset, line, docs, eof) in self._progress.items():
+            out[shard] = Watermark.of(shard, offset, line, docs, eof, settings)
+        return out
+
+    def _read_shard(self, shard: str, after: int, offset: int = 0, docs: int = 0) -> Iterator[Document]:
+        fmt = _shard_format(shard, self.config.format)
+        # parquet and hf records have no byte offsets: their watermark covers the file as it was opened
+        size = None if fmt in SEEKABLE else os.path.getsize(shard)
+        progress = self._progress[shard] = [offset if size is None else size, after, docs, False]
+        reader = _READERS[fmt]
+        for line, raw, row, end in reader(shard, after, self.config.max_chars, offset):
             if isinstance(row, _Bad) and row.kind == "incomplete_tail":
                 self.stats.skipped[row.kind] += 1
                 tail = "%s:%d: unterminated last line (a writer still appending?): left for the next run"
                 logger.warning(tail, shard, line)
                 return  # not consumed: the position stays before it, the next pass retries it
             doc = self._document(shard, line, raw, row)
-            self.position = Position(shard, line)
+            self.position, self.record_offset = Position(shard, line), progress[0] if size is None else None
+            progress[:3] = [end if size is None else size, line, progress[2] + (doc is not None)]
             if doc is not None:
                 self.stats.read += 1
                 yield doc
+        progress[3] = True  # the pass reached the end of the shard
+
+    def read_at(self, shard: str, line: int, offset: int | None) -> Document | None:
+        """The document of record ``line`` of ``shard``, whose record starts at byte ``offset`` (None:
+        unknown, the shard is read up to it), or None when that record is no document; bad input is
+        quarantined or fatal as in a pass."""
+        fmt = _shard_format(shard, self.config.format)
+        if offset is not None and fmt in SEEKABLE:  # the first record after the seek is the one
+            for _, raw, row, _ in _READERS[fmt](shard, 0, self.config.max_chars, offset):
+                return self._document(shard, line, raw, row)
+            return None
+        for got, raw, row, _ in _READERS[fmt](shard, 0, self.config.max_chars, 0):
+            if got == line:
+                return self._document(shard, line, raw, row)
+            if got > line:
+                break
+        return None
 
     def _document(self, shard: str, line: int, raw: Any, row: dict | _Bad | None) -> Document | None:
         if row is None:

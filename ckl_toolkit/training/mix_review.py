@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -134,3 +134,20 @@ def check_pool_disjoint(
             f"{len(leaked)} of {len(pool)} rehearsal pool items are also evaluated (first: {leaked[0]!r}); "
             f"rehearse separate older data, not the NOT-TO-FORGET evidence"
         )
+
+
+def reservoir_sample(items: Iterable[T], k: int, rng: random.Random) -> list[tuple[int, T]]:
+    """``k`` items drawn uniformly from an iterable of unknown length in O(k) memory (Algorithm R).
+
+    Returns (index, item) pairs in arrival order; every item (in order) when there are at most ``k``.
+    The draw depends only on the items' count, ``k`` and ``rng``'s state.
+    """
+    kept: list[tuple[int, T]] = []
+    for i, item in enumerate(items):
+        if i < k:
+            kept.append((i, item))
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                kept[j] = (i, item)
+    return sorted(kept, key=lambda pair: pair[0])

@@ -33,7 +33,7 @@ from ckl_toolkit.nightly.contract import (
 )
 from ckl_toolkit.nightly.export import load_model
 from ckl_toolkit.nightly.gate import GateSpec, load_probes
-from ckl_toolkit.nightly.ledger import DocumentLedger
+from ckl_toolkit.nightly.idstore import open_ledger
 from ckl_toolkit.nightly.plan import Plan
 from ckl_toolkit.nightly.run import RunSummary, publish, read_metrics
 from ckl_toolkit.training.engine import PlainEngine
@@ -136,6 +136,12 @@ def test_a_candidate_that_forgets_the_canaries_is_rejected_and_current_keeps_ser
     assert run_cli(str(night_recipe(tmp, tiny_lm_dir, *gate, "gate.max_canary_drop=1")), []) == ExitCode.OK
     v3 = current_version(out)
     assert v3.name == "v000003" and json.loads((v3 / "version.json").read_text())["base_version"] == v1.name
+    # the refused night's documents were never marked learned: the next night learns exactly them
+    ids = [
+        [json.loads(line)["id"] for line in (v / "documents.jsonl").read_text().splitlines()]
+        for v in (v2, v3)
+    ]
+    assert ids[0] and ids[1] == ids[0]
 
 
 def test_a_candidate_with_nan_weights_is_rejected_by_the_gate(served_canaries, tiny_lm_dir, tmp_path):
@@ -164,7 +170,7 @@ def test_a_candidate_with_nan_weights_is_rejected_by_the_gate(served_canaries, t
             engine,
             export,
             plan,
-            DocumentLedger(v1 / "ledger.json"),
+            open_ledger(out, v1 / "ledger.json"),
             RunSummary.of_plan(plan),
             "",
             {"target_kind": "full"},

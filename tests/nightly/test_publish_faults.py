@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from ckl_toolkit.core.config import to_yaml
 from ckl_toolkit.nightly.contract import current_version, list_versions, publish_version, reconcile
 from ckl_toolkit.update import update
-from tests.nightly.test_update import facts, make_recipe, write_jsonl
+from tests.nightly.test_update import facts, ledger_ids, make_recipe, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 POINTS = [
@@ -136,8 +136,7 @@ def test_randomized_kills_during_publish_end_in_the_uninterrupted_model(tmp_path
     assert ref.name == got.name
     a, b = (load_file(str(v / "model/model.safetensors")) for v in (ref, got))
     assert all(a[k].equal(b[k]) for k in a)
-    ids = json.loads((got / "ledger.json").read_text())["ids"]
-    assert sorted(ids) == sorted([f"n{i}" for i in range(3)] + [f"m{i}" for i in range(3)])
+    assert ledger_ids(got) == sorted([f"n{i}" for i in range(3)] + [f"m{i}" for i in range(3)])
 
 
 def test_version_dirs_and_files_follow_the_umask(tmp_path):

@@ -23,7 +23,7 @@ from ckl_toolkit.core.config import to_yaml
 from ckl_toolkit.nightly.contract import current_version
 from ckl_toolkit.nightly.run import read_metrics
 from ckl_toolkit.update import update
-from tests.nightly.test_update import facts, make_recipe, write_jsonl
+from tests.nightly.test_update import facts, ledger_ids, make_recipe, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["target.kind=lora", "target.lora.r=4", "target.export=merged", "optim.name=recadam",
@@ -86,7 +86,7 @@ def test_two_rank_zero3_lora_update_exports_an_adapter_that_loads(tmp_path, tiny
     # RecAdam anchored the ZeRO-3 partitions and pulled; the ledger holds every document.
     drift = [m["drift"] for m in read_metrics(tmp_path / "ds/out") if m["event"] == "step"]
     assert all(d is not None and d > 0 for d in drift)
-    assert len(json.loads((version / "ledger.json").read_text())["ids"]) == 10
+    assert len(ledger_ids(version)) == 10
 
     # Rows split over 2 ranks with averaged gradients = the same update as one process on the batch.
     single = update(make_recipe(tmp_path / "one", tiny_lm_dir, *COMMON, data=data))
