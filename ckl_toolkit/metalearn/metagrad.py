@@ -133,11 +133,23 @@ def _place(params: Sequence, point: Tensors, deltas: Sequence | None = None, alp
 
 
 def _named_params(base: nn.Module, params: Sequence[nn.Parameter] | dict[str, nn.Parameter]) -> dict:
-    """Names (as ``functional_call`` wants them) of the trainable subset of θ."""
+    """Names (as ``functional_call`` wants them) of the trainable subset of θ.
+
+    A list and a dict are validated alike: every tensor must be a parameter of ``base``, and a
+    dict's name must be the one ``base`` gives that very tensor (another model's parameters would
+    silently get zero gradients, and two same-shape tensors swapped behind their names a wrong
+    directional derivative).
+    """
+    by_id = {id(p): n for n, p in base.named_parameters()}
     if isinstance(params, dict):
+        foreign = [n for n, p in params.items() if id(p) not in by_id]
+        if foreign:
+            raise ValueError(f"params {foreign[:3]} are not parameters of the base model")
+        misnamed = [f"{n!r} is {by_id[id(p)]!r}" for n, p in params.items() if by_id[id(p)] != n]
+        if misnamed:
+            raise ValueError(f"params named differently from the base model's parameters: {misnamed[:3]}")
         named = dict(params)
     else:
-        by_id = {id(p): n for n, p in base.named_parameters()}
         missing = [i for i, p in enumerate(params) if id(p) not in by_id]
         if missing:
             raise ValueError(f"params {missing} are not parameters of the base model")

@@ -273,3 +273,40 @@ def test_rejects_bad_inputs(models, batch):
         meta_gradient(model, trainable(model), cfg=MetaGradConfig(), **{**batch, "w": batch["w"][:, 1:]})
     with pytest.raises(ValueError, match="not parameters of the base"):
         meta_gradient(model, [nn.Parameter(torch.zeros(1))], cfg=MetaGradConfig(), **batch)
+
+
+def test_dict_params_are_validated_like_a_list(models, batch):
+    """A dict of another model's parameters (same names, same shapes) used to give all zeros; two
+    same-shape tensors swapped behind their names a wrong directional derivative."""
+    model, cfg = models["full"], make_cfg("sgd", "jvp", "batched")
+    other = exact_fp64_llama(seed=5)
+    with pytest.raises(ValueError, match="not parameters of the base"):
+        meta_gradient(model, trainable(other), cfg=cfg, **batch)
+    with pytest.raises(ValueError, match="not parameters of the base"):
+        meta_gradient(model, list(trainable(other).values()), cfg=cfg, **batch)
+    named = trainable(model)
+    a, b = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    assert named[a].shape == named[b].shape
+    swapped = {**named, a: named[b], b: named[a]}
+    with pytest.raises(ValueError, match="named differently"):
+        meta_gradient(model, swapped, cfg=cfg, **batch)
+
+
+def test_reference_model_is_causal_and_ignores_padding(models, batch):
+    """The equality tests above are only meaningful on a causal, padding-aware model."""
+    for model in models.values():
+        ids, mask = batch["doc_ids"], batch["doc_mask"]
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            last = ids.clone()
+            last[:, -1] = (last[:, -1] + 1) % VOCAB
+            changed = model(input_ids=last, attention_mask=mask).logits
+            assert torch.equal(changed[:, :-1], logits[:, :-1])  # position 0..T-2 never see token T-1
+            assert not torch.equal(changed[0, -1], logits[0, -1])  # (row 0 is unpadded: it does)
+            left = torch.ones_like(mask)
+            left[1, :3] = 0  # left padding: causality alone would let positions 3.. read it
+            before = model(input_ids=ids, attention_mask=left).logits
+            padded = ids.clone()
+            padded[1, :3] = (padded[1, :3] + 3) % VOCAB  # only row 1's padding changes
+            after = model(input_ids=padded, attention_mask=left).logits
+            assert torch.equal(after[1, 3:], before[1, 3:]) and torch.equal(after[0], before[0])
