@@ -58,6 +58,7 @@ from ckl_toolkit.metalearn.episodes import (
     weight_stats,
 )
 from ckl_toolkit.metalearn.step import MetaStepResult, meta_step
+from ckl_toolkit.metalearn.subset import select_inner_params
 from ckl_toolkit.metalearn.zero import (
     consolidated_ta,
     load_partitioned_base,
@@ -111,7 +112,9 @@ def load_base(recipe: MetaRecipe, ctx: DistContext) -> tuple[torch.nn.Module, di
     if recipe.distributed.partition_base:  # frozen weights ZeRO-3-sharded over ranks, a LoRA set per rank
         return load_partitioned_base(recipe.base, ctx.ds_config, recipe.seed)
     base = load_causal_lm(recipe.base).requires_grad_(False)
-    params = trainable_parameters(base)  # all of θ, or its LoRA adapters
+    inner = recipe.meta.inner
+    # all of θ or its LoRA adapters, then the part the inner step moves (meta.inner.params)
+    params = select_inner_params(base, trainable_parameters(base), inner.params, inner.tied_embedding)
     for p in params.values():
         p.requires_grad_(True)
     return base, params
@@ -229,11 +232,12 @@ def meta_train(recipe: MetaRecipe) -> Path:
         if recipe.distributed.partition_base:  # ranks gather shards together: no episode may skip a pass
             require_task_objects(batch, rows, recipe.data.task_max_length)
         batch = batch.rows(mine)
-        res = meta_step(engine, base, params, batch, recipe.meta)  # φ(D), dL/dw, φ's step
+        done = step + 1
+        log = done % recipe.log_every == 0 or done == recipe.steps
+        res = meta_step(engine, base, params, batch, recipe.meta, log=log)  # φ(D), dL/dw, φ's step
         tokens += int(batch.doc_mask.sum()) + int(batch.task_mask.sum())
 
-        done = step + 1
-        if done % recipe.log_every == 0 or done == recipe.steps:
+        if log:
             record = step_record(done, res, batch, ctx, time.perf_counter() - t0)
             if val_rows and (done == recipe.steps or (recipe.val_every and done % recipe.val_every == 0)):
                 full = consolidated_ta(engine, ta)  # collective; rank 0 validates

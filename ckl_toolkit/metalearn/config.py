@@ -135,6 +135,11 @@ class MetaRecipe:
                 "for the per-rank inner step (the partitioned weights are shared); set base.lora={r: 8}",
             )
             require(
+                self.meta.inner.params == "all",
+                "meta.inner.params",
+                "distributed.partition_base trains a per-rank LoRA set on every layer; keep it all",
+            )
+            require(
                 self.meta.method == "central",
                 "meta.method",
                 "distributed.partition_base needs "

@@ -129,3 +129,14 @@ def test_cli_meta_train_dry_run_and_export(tiny_lm_dir, meta_data, tmp_path):
     out = runner.invoke(cli, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "exp")])
     assert out.exit_code == 0, out.output
     assert states_equal(load_ta_model(tmp_path / "exp"), load_ta_model(tmp_path / "run" / "ta"))
+
+
+def test_meta_train_with_inner_subset_and_closed_form_adamw(tiny_lm_dir, meta_data, tmp_path):
+    """The CPU recipe's options end to end: top-1 layer inner step (prefix cache), closed-form AdamW."""
+    extra = ["meta.inner.params=top_k_layers:1", "meta.inner.optimizer=adamw", "meta.inner.lr=1e-3"]
+    rec = recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra, "log_every=2", "data.val=null")
+    ta = load_ta_model(meta_train(rec))
+    assert ta.head.weight.abs().sum() > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["outer_loss_before"] == r["outer_loss_before"] for r in records)  # logged steps: not nan
