@@ -352,6 +352,9 @@ def meta_train_cmd(
             out = meta_train(r)
     except ConfigError as e:
         _fail(e)
+    except KeyboardInterrupt as e:  # SIGTERM / SIGINT: checkpointed; exit 6 as ckl update
+        click.echo(f"meta-train stopped: {e}", err=True)
+        sys.exit(6)
     finally:
         shutdown()  # the world of one that a recipe with distributed.ds_config creates
     click.echo(f"TA model written to {out}")
