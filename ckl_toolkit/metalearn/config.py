@@ -18,7 +18,8 @@ class TASpec:
     num_layers: int | None = fld(None, "Keep only the trunk's first k layers (null: all).")
     train: str = fld(
         "all",
-        "What of φ trains: head (the hidden->1 head only) | last_k:K (+ the trunk's last K layers) | all.",
+        "What of φ trains: head (the hidden->1 head only) | last_k:K (+ the trunk's last K layers) | "
+        "lora / lora:R (LoRA adapters on the trunk + head; saved merged) | all.",
     )
     head_bias: float = fld(
         HEAD_BIAS_INIT,

@@ -17,15 +17,20 @@ from torch import nn
 from ckl_toolkit.core.text import char_spans
 from ckl_toolkit.metalearn.episodes import EpisodeBatch
 
-TA_TRAIN = re.compile(r"^(head|all|last_k:(\d+))$")
+TA_TRAIN = re.compile(r"^(head|all|lora|last_k:(\d+)|lora:(\d+))$")
+LORA_R = 8  # ta.train=lora: rank 8, alpha 2r, every linear layer of the trunk
+PEFT_PREFIX = "trunk.base_model.model."  # where peft puts the trunk's own names
 
 
 def parse_ta_train(spec: str) -> tuple[str, int]:
-    """('head'|'all', 0) or ('last_k', K); ValueError 'train: ...' otherwise."""
+    """('head'|'all', 0), ('last_k', K) or ('lora', r); ValueError 'train: ...' otherwise."""
     m = TA_TRAIN.match(str(spec))
-    if not m or (m.group(2) is not None and int(m.group(2)) < 1):
-        raise ValueError(f"train: 'head', 'last_k:K' (K >= 1) or 'all', got {spec!r}")
-    return ("last_k", int(m.group(2))) if m.group(2) else (m.group(1), 0)
+    k = m and (m.group(2) or m.group(3))
+    if not m or (k is not None and int(k) < 1):
+        raise ValueError(f"train: 'head', 'last_k:K', 'lora', 'lora:R' (K, R >= 1) or 'all', got {spec!r}")
+    if m.group(1).startswith("lora"):
+        return "lora", int(m.group(3)) if m.group(3) else LORA_R
+    return ("last_k", int(k)) if m.group(2) else (m.group(1), 0)
 
 
 def configure_ta_training(
@@ -34,13 +39,21 @@ def configure_ta_training(
     """Freeze what ``spec`` leaves out and set the head's bias; returns φ's trainable parameters.
 
     head: only the hidden->1 head (the trunk runs without a graph). last_k:K: the trunk's last K
-    layers, its final norm, and the head. all: everything.
+    layers, its final norm, and the head. lora / lora:R: LoRA adapters (rank R, alpha 2R) on every
+    linear layer of the trunk, and the head; checkpoints and the export hold φ merged
+    (:func:`merge_lora_state`), an ordinary TA model. all: everything.
     """
     kind, k = parse_ta_train(spec)
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        ta.requires_grad_(False)
+        ta.trunk = get_peft_model(ta.trunk, LoraConfig(r=k, lora_alpha=2 * k, target_modules="all-linear"))
     if head_bias is not None:
         with torch.no_grad():
             ta.head.bias.fill_(head_bias)
-    ta.requires_grad_(kind == "all")
+    if kind != "lora":
+        ta.requires_grad_(kind == "all")
     ta.head.requires_grad_(True)
     if kind == "last_k":
         layers = ta.trunk.layers
@@ -51,6 +64,36 @@ def configure_ta_training(
         if getattr(ta.trunk, "norm", None) is not None:
             ta.trunk.norm.requires_grad_(True)
     return {n: p for n, p in ta.named_parameters() if p.requires_grad}
+
+
+def plain_name(name: str) -> str:
+    """A parameter or buffer name of φ with peft's wrapping of the trunk taken out."""
+    return "trunk." + name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], ta: nn.Module) -> dict[str, torch.Tensor]:
+    """φ's state with its trunk's LoRA adapters merged: W + (alpha/r)·B·A, under the plain names.
+
+    The identity for a φ without adapters. The merged φ computes what the adapted one does (peft's
+    LoRA linear is base(x) + scaling·B(A(x)); dropout is off).
+    """
+    cfg = getattr(ta.trunk, "peft_config", None)
+    if not cfg:
+        return state
+    lora = cfg["default"]
+    scaling = lora.lora_alpha / lora.r
+    out = {}
+    for key, t in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if ".base_layer." in key:
+            module = key.split(".base_layer.")[0]
+            if key.endswith(".weight"):
+                a, b = state[f"{module}.lora_A.default.weight"], state[f"{module}.lora_B.default.weight"]
+                t = t + scaling * (b.to(t.dtype) @ a.to(t.dtype))
+            key = key.replace(".base_layer.", ".")
+        out[plain_name(key)] = t
+    return out
 
 
 def outer_lr(step: int, lr: float, steps: int, schedule: str, warmup: int, min_ratio: float) -> float:

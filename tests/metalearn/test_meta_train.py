@@ -215,3 +215,18 @@ def test_sigterm_checkpoints_exits_6_and_resumes_equal(tiny_lm_dir, meta_data, t
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert [r["step"] for r in _records(tmp_path / "b")] == list(range(1, 41))
     assert states_equal(straight, load_ta_model(tmp_path / "b" / "ta"))
+
+
+def test_lora_phi_meta_train_exports_a_plain_ta_model(tiny_lm_dir, meta_data, tmp_path):
+    extra = ("ta.train=lora:4", "data.val=null", "steps=2", "save_every=1")
+    ta = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra)))
+    from ckl_toolkit.core.ta_model import build_ta_model
+
+    fresh = build_ta_model(tiny_lm_dir)
+    moved = [k for k, v in ta.trunk.state_dict().items() if not torch.equal(v, fresh.trunk.state_dict()[k])]
+    assert moved and all("proj" in k for k in moved)  # merged adapters changed the linear layers only
+    # and the run resumes from its LoRA checkpoint
+    again = load_ta_model(
+        meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra[:-2], "steps=3"))
+    )
+    assert not states_equal(ta, again)

@@ -34,7 +34,7 @@ def test_which_part_of_phi_trains(ta):
     assert all(p.requires_grad for p in ta.parameters())
     with pytest.raises(ValueError, match="last_k:3 but the TA trunk has 2 layers"):
         configure_ta_training(ta, "last_k:3")
-    for bad in ("lora", "last_k:0", "last_k:", "heads"):
+    for bad in ("lora:0", "last_k:0", "last_k:", "heads"):
         with pytest.raises(ValueError, match="^train:"):
             parse_ta_train(bad)
 
@@ -88,3 +88,27 @@ def test_object_weight_share_uniform_and_counted(ta, tiny_lm_dir):
     with torch.no_grad():  # a φ that singles out the object tokens' hidden states raises the share
         ta.head.weight.normal_(0, 5.0, generator=torch.Generator().manual_seed(0))
     assert object_weight_share(ta, batches)["diag_object_share"] != pytest.approx(d["diag_object_share"])
+
+
+def test_lora_phi_trains_adapters_and_exports_merged(ta, tiny_lm_dir):
+    """ta.train=lora: only adapters and head train; the consolidated copy (checkpoints, export) is a
+    plain TA model with the adapters merged that computes the same weights."""
+    from ckl_toolkit.metalearn.zero import consolidated_ta
+    from ckl_toolkit.training.engine import PlainEngine
+
+    trainable = configure_ta_training(ta, "lora:4", head_bias=0.0)
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # peft starts B at 0 (a no-op adapter): move every adapter
+        for p in trainable.values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    b = make_episode_batch(tok, meta_pairs(3), 32, 16)
+    ta.eval()
+    adapted = ta(b.doc_ids, b.doc_mask)
+    engine = PlainEngine(ta, trainable, torch.optim.SGD(trainable.values(), lr=0.1), 0.0)
+    merged = consolidated_ta(engine, ta)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(merged(b.doc_ids, b.doc_mask), adapted, atol=1e-5)
+    plain = build_ta_model(tiny_lm_dir)
+    assert not torch.allclose(plain(b.doc_ids, b.doc_mask), adapted, atol=1e-3)  # the adapters mattered
