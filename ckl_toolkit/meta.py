@@ -227,10 +227,12 @@ def diagnostic_batches(tokenizer, val_rows: list[dict], recipe: MetaRecipe) -> l
     ]
 
 
-def diagnose(engine: Engine, ta: TrainAttentionModel, batches: list[EpisodeBatch], ctx: DistContext) -> dict:
+def diagnose(
+    engine: Engine, ta: TrainAttentionModel, batches: list[EpisodeBatch], ctx: DistContext, base
+) -> dict:
     """The held-out diagnostic on rank 0 (``object_weight_share``); collective (φ is consolidated)."""
     full = consolidated_ta(engine, ta)
-    return object_weight_share(full, batches) if ctx.is_main else {}
+    return object_weight_share(full, batches, base) if ctx.is_main else {}
 
 
 def step_record(
@@ -268,7 +270,9 @@ def meta_train(recipe: MetaRecipe) -> Path:
     # --- models: the base θ and φ, trained through an engine (ZeRO partitions φ there)
     tokenizer = AutoTokenizer.from_pretrained(recipe.base.path)
     base, params = load_base(recipe, ctx)
-    ta = build_ta_model(recipe.ta.init_from or recipe.base.path, recipe.ta.num_layers).train()
+    ta = build_ta_model(
+        recipe.ta.init_from or recipe.base.path, recipe.ta.num_layers, surprise=recipe.ta.surprise
+    ).train()
     trainable = configure_ta_training(ta, recipe.ta.train, recipe.ta.head_bias)  # ta.train, ta.head_bias
     optimizer = build_optimizer(list(trainable.values()), recipe.optim)
     engine = build_engine(ta, trainable, optimizer, recipe.optim.grad_clip, ctx)
@@ -284,7 +288,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
         print0(f"resuming from step {start}")
     metrics = MetricsLogger(run_dir / "metrics.jsonl" if ctx.is_main else None)
     if diag and start == 0:  # the curve's start: φ before any step
-        metrics.log(step=0, **diagnose(engine, ta, diag, ctx))
+        metrics.log(step=0, **diagnose(engine, ta, diag, ctx, base))
     o = recipe.optim
     mine = episode_slice(recipe.batch_size, ctx.rank, ctx.world)  # this rank's episodes of every meta-batch
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="meta-train",
@@ -303,7 +307,9 @@ def meta_train(recipe: MetaRecipe) -> Path:
             lr = outer_lr(step, o.lr, recipe.steps, o.schedule, o.warmup_steps, o.min_lr_ratio)
             for group in engine.optimizer.param_groups:  # a pure function of the step: nothing to resume
                 group["lr"] = lr
-            res = meta_step(engine, base, params, batch, recipe.meta, log=log)  # φ(D), dL/dw, φ's step
+            res = meta_step(
+                engine, base, params, batch, recipe.meta, log, recipe.ta.surprise
+            )  # φ(D), dL/dw, φ's step
             tokens += int(batch.doc_mask.sum()) + int(batch.task_mask.sum())
 
             if log:
@@ -314,7 +320,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
                     if ctx.is_main:
                         record.update(validate(full, recipe.base, val_rows, recipe))
                 if diag_now:
-                    record.update(diagnose(engine, ta, diag, ctx))
+                    record.update(diagnose(engine, ta, diag, ctx, base))
                 metrics.log(**record)
                 speed = tokens / (time.perf_counter() - t0)  # tokens/s of this process, documents and tasks
                 bar.set_postfix(outer=f"{record['outer_loss']:.3f}", w_obj=f"{record['w_object']:.2f}",

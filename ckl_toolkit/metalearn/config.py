@@ -27,6 +27,12 @@ class TASpec:
         "steep part; with the normalised loss only relative weights matter, so it is still uniform.",
     )
 
+    surprise: bool = fld(
+        False,
+        "φ also reads the target's own per-token loss log(1+ℓ) beside its hidden states, so tokens the "
+        "model already predicts can get low weight (label-free; one more base forward per step).",
+    )
+
     def __post_init__(self):
         parse_ta_train(self.train)  # ValueError "train: ..."
 

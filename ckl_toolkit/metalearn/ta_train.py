@@ -14,6 +14,7 @@ import re
 import torch
 from torch import nn
 
+from ckl_toolkit.core.losses import token_nll
 from ckl_toolkit.core.text import char_spans
 from ckl_toolkit.metalearn.episodes import EpisodeBatch
 
@@ -134,18 +135,22 @@ def window_pairs(tokenizer, rows: list[dict], window: int) -> list[dict]:
 
 
 @torch.no_grad()
-def object_weight_share(ta: nn.Module, batches: list[EpisodeBatch]) -> dict[str, float]:
+def object_weight_share(
+    ta: nn.Module, batches: list[EpisodeBatch], base: nn.Module | None = None
+) -> dict[str, float]:
     """The held-out diagnostic: the share of φ's total weight that falls on object tokens.
 
     One forward of φ per batch, no training run. ``diag_uniform_share`` is the same share under
     uniform weights (the object tokens' share of all tokens): a label-free φ that learned nothing
-    stays there; one that found the objects rises above it.
+    stays there; one that found the objects rises above it. ``base``: the target whose per-token
+    loss a surprise φ reads.
     """
     was = ta.training
     ta.eval()
     obj_w = all_w = n_obj = n_all = 0.0
     for b in batches:
-        w = ta(b.doc_ids, b.doc_mask)[:, 1:].double()  # (B, T-1)
+        nll = token_nll(base, b.doc_ids, b.doc_mask) if getattr(ta, "surprise", False) else None
+        w = ta(b.doc_ids, b.doc_mask, None, nll)[:, 1:].double()  # (B, T-1)
         real = b.doc_mask[:, 1:].bool()
         obj = b.doc_obj & real
         obj_w, all_w = obj_w + float(w[obj].sum()), all_w + float(w[real].sum())

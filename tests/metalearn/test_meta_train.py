@@ -230,3 +230,11 @@ def test_lora_phi_meta_train_exports_a_plain_ta_model(tiny_lm_dir, meta_data, tm
         meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra[:-2], "steps=3"))
     )
     assert not states_equal(ta, again)
+
+
+def test_surprise_phi_meta_trains_and_diagnoses(tiny_lm_dir, meta_data, tmp_path):
+    extra = ("ta.surprise=true", "ta.train=head", "ta.head_bias=0", "diag_every=2", "val.pairs=0")
+    ta = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra)))
+    assert ta.surprise and ta.head.weight[0, -1] != 0  # the surprise column learned something
+    records = _records(tmp_path / "run")
+    assert [r["step"] for r in records if "diag_object_share" in r] == [0, 2, 4]

@@ -112,3 +112,45 @@ def test_lora_phi_trains_adapters_and_exports_merged(ta, tiny_lm_dir):
     assert torch.allclose(merged(b.doc_ids, b.doc_mask), adapted, atol=1e-5)
     plain = build_ta_model(tiny_lm_dir)
     assert not torch.allclose(plain(b.doc_ids, b.doc_mask), adapted, atol=1e-3)  # the adapters mattered
+
+
+def test_surprise_phi_reads_the_target_loss_and_round_trips(tiny_lm_dir, tmp_path):
+    """ta.surprise: the head reads log(1+ℓ) of x_t at position t; saved and loaded with it."""
+    from ckl_toolkit.core.ta_model import load_ta_model, save_ta_model
+
+    ta = build_ta_model(tiny_lm_dir, surprise=True)
+    assert ta.head.in_features == ta.hidden_size + 1
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    b = make_episode_batch(tok, meta_pairs(2), 32, 16)
+    nll = (
+        torch.rand(b.doc_ids.shape[0], b.doc_ids.shape[1] - 1, generator=torch.Generator().manual_seed(0)) * 5
+    )
+    with torch.no_grad():
+        ta.head.weight[0, -1] = -2.0  # weight on the surprise column only: w depends on ℓ alone
+    w = ta(b.doc_ids, b.doc_mask, None, nll)
+    assert torch.allclose(w[:, 1:], torch.sigmoid(4.0 - 2.0 * torch.log1p(nll)), atol=1e-6)
+    assert torch.allclose(w[:, 0], torch.sigmoid(torch.tensor(4.0)))  # position 0 weights no target
+    with pytest.raises(ValueError, match="target_nll"):
+        ta(b.doc_ids, b.doc_mask)
+    loaded = load_ta_model(save_ta_model(ta, tmp_path / "ta"))
+    assert loaded.surprise and torch.equal(loaded(b.doc_ids, b.doc_mask, None, nll), w)
+
+
+def test_surprise_weigher_gets_the_step_nll(tiny_lm_dir):
+    """In ckl update / eval the step hands the target's own nll to a surprise φ."""
+    from ckl_toolkit.core.text import encode
+    from ckl_toolkit.training.weighers import TextBatch, TokenWeigher, TrainAttentionWeights
+
+    ta = build_ta_model(tiny_lm_dir, surprise=True)
+    with torch.no_grad():
+        ta.head.weight[0, -1] = -2.0  # a high loss lowers the weight
+    weigher = TokenWeigher("taalm", TrainAttentionWeights(ta))
+    texts = [r["text"] for r in meta_pairs(2)]
+    batch = TextBatch(encode(AutoTokenizer.from_pretrained(tiny_lm_dir), texts, 32), texts)
+    shape = (2, batch.enc.input_ids.shape[1] - 1)
+    w_known, w_new = (
+        weigher.weights(batch, torch.zeros(shape)),
+        weigher.weights(batch, torch.full(shape, 5.0)),
+    )
+    real = batch.enc.attention_mask[:, 1:].bool()
+    assert (w_known[real] > w_new[real]).all()
