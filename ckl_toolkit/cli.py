@@ -41,7 +41,10 @@ def _recipe_class(job: str):
 
 
 def _guess_job(recipe: Path) -> str:
-    """An update recipe has a ``target`` section, an eval recipe ``methods`` or ``benchmark``; else meta."""
+    """An eval recipe has ``methods`` or ``benchmark``, an update recipe a ``target`` section; else meta.
+
+    Eval recipes embed the update's training sections (``target`` among them), so they are told first.
+    """
     import yaml
 
     try:
@@ -50,9 +53,9 @@ def _guess_job(recipe: Path) -> str:
         return "meta"  # load_recipe then reports the file or YAML error with its line
     if not isinstance(data, dict):
         return "meta"
-    if "target" in data:
-        return "update"
-    return "eval" if "methods" in data or "benchmark" in data else "meta"
+    if "methods" in data or "benchmark" in data:
+        return "eval"
+    return "update" if "target" in data else "meta"
 
 
 def _fail(e: Exception) -> None:
@@ -557,6 +560,43 @@ def _export_version(
         src = find_version(version, output_dir)
         written, what = export_version(src, out, merge, dtype)
     click.echo(f"exported {src} -> {written}: {what}")
+
+
+@main.command("versions")
+@click.argument("output_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
+def versions_cmd(output_dir: Path, as_json: bool) -> None:
+    """List an update's versions: which one `current` serves, documents, gate verdicts, rejections."""
+    import json
+
+    from ckl_toolkit.nightly.versions import version_rows, versions_table
+
+    rows = version_rows(output_dir)
+    if not rows:
+        raise _UserError(f"{output_dir}: no published versions (is it an update output_dir?)", EXIT_BAD_INPUT)
+    click.echo(json.dumps(rows, indent=2) if as_json else versions_table(rows), nl=not as_json)
+
+
+@main.command("rollback")
+@click.argument("output_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--to",
+    "to",
+    default=None,
+    help="The version to serve (vN); default: the newest older one that is not rejected.",
+)
+@click.option("--force", is_flag=True, help="Serve --to even if the gate or a rollback rejected it.")
+def rollback_cmd(output_dir: Path, to: str | None, force: bool) -> None:
+    """Move `current` back (atomically, under the update lock); newer versions are marked rejected.
+
+    Killed at any point, running it again finishes the interrupted rollback (so does the next update).
+    """
+    from ckl_toolkit.nightly.contract import LockedError
+    from ckl_toolkit.nightly.versions import rollback
+
+    with _user_errors(ConfigError, exit_code=EXIT_BAD_INPUT), _user_errors(LockedError, exit_code=3):
+        before, now, note = rollback(output_dir, to, force)
+    click.echo(f"{note}: current {before.name if before else 'none'} -> {now.name}")
 
 
 @main.command("score")

@@ -34,7 +34,7 @@ from transformers import AutoTokenizer
 
 from ckl_toolkit.core.checkpoint import latest_checkpoint, load_state, load_step, save_step
 from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, require, to_yaml
-from ckl_toolkit.core.io import MetricsLogger, read_jsonl, write_jsonl_atomic, write_text_atomic
+from ckl_toolkit.core.io import MetricsLogger, write_text_atomic
 from ckl_toolkit.core.models import LoraSpec, load_causal_lm, trainable_parameters
 from ckl_toolkit.core.ta_model import TrainAttentionModel, build_ta_model, save_ta_model
 from ckl_toolkit.distributed.ds_config import model_hidden_size, resolve_ds_config
@@ -186,8 +186,7 @@ def resume(run_dir: Path, engine: Engine, recipe: MetaRecipe, ctx: DistContext) 
     A checkpoint of another run hash (a changed seed, model, data, meta, optim... section) is not
     resumed, as ``ckl update`` drops a stale run: continuing would mix two recipes in one φ. Here
     nothing is deleted: its checkpoints and metrics move to ``run_dir/stale-<hash>/`` and the run
-    starts at step 0. ``metrics.jsonl`` is cut back to the checkpoint's step, so the steps a killed
-    run logged after its last checkpoint are not logged twice.
+    starts at step 0.
     """
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
@@ -210,12 +209,7 @@ def resume(run_dir: Path, engine: Engine, recipe: MetaRecipe, ctx: DistContext) 
             )
         engine.barrier()
         return 0
-    state = load_step(ckpt, engine)  # refuses another number of ranks or ZeRO stage
-    step = int(state["step"])
-    metrics = run_dir / "metrics.jsonl"
-    if ctx.is_main and metrics.exists():
-        write_jsonl_atomic(metrics, [r for r in read_jsonl(metrics) if r.get("step", 0) <= step])
-    return step
+    return int(load_step(ckpt, engine)["step"])  # refuses another number of ranks or ZeRO stage
 
 
 def diagnostic_batches(tokenizer, val_rows: list[dict], recipe: MetaRecipe) -> list[EpisodeBatch]:
@@ -287,6 +281,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
     if start:
         print0(f"resuming from step {start}")
     metrics = MetricsLogger(run_dir / "metrics.jsonl" if ctx.is_main else None)
+    metrics.resume_at(start)  # steps logged after the checkpoint are run (and logged) again
     if diag and start == 0:  # the curve's start: φ before any step
         metrics.log(step=0, **diagnose(engine, ta, diag, ctx, base))
     o = recipe.optim

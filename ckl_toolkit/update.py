@@ -51,6 +51,7 @@ from ckl_toolkit.distributed.process import (
 from ckl_toolkit.nightly.config import UpdateRecipe
 from ckl_toolkit.nightly.contract import (
     ExitCode,
+    GateRejectedError,
     LockedError,
     NotLearnedError,
     RunLock,
@@ -211,7 +212,7 @@ def step_record(state: UpdateState, run: str, epoch: int, result: StepResult, en
     return {
         "event": "step", "run": run, "step": state.step, "epoch": epoch, "loss": result.loss,
         "w_mean": result.mean_weight, "grad_norm": result.grad_norm, "tokens": state.batching.tokens,
-        "tokens_per_s": state.tokens_per_s, "drift": engine.drift(),
+        "tokens_per_s": state.tokens_per_s, "drift": engine.drift(), "rows_dropped": result.rows_dropped,
     }  # fmt: skip
 
 
@@ -258,6 +259,8 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
         todo.tokens,
         _lambda_note(summary.recadam),
     )
+
+    gate = build_gate(recipe, version) if ctx.is_main else None  # its files are read (and checked) now
 
     # --- the learner: target θ (trained), weights (frozen source), optimizer inside its engine
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -307,7 +310,8 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
         ):
             t0, c0 = time.perf_counter(), time.process_time()  # wall and CPU time of this step
             result = weighted_step(engine, batch, learner.weigher, tokenizer, guard,
-                                   recipe.weights.object_field, step=state.step + 1)  # fmt: skip
+                                   recipe.weights.object_field, step=state.step + 1,
+                                   sparsity=learner.sparsity)  # fmt: skip
             if not result.applied:  # NaN/inf on some rank: skipped (logged), abort after K in a row
                 metrics.log(event="skip", run=plan.run, step=state.step + 1, loss=result.loss)
 
@@ -315,6 +319,8 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
             state.step, state.cursor = state.step + 1, batch.cursor
             state.train_seconds += time.perf_counter() - t0
             state.cpu_seconds += time.process_time() - c0
+            state.rows_dropped += result.rows_dropped
+            state.empty_steps += int(not result.stepped)
             if result.applied:  # a skipped step learned nothing: its documents stay unseen
                 ledger.mark(d for d in batch.completed if d.id in new_ids)
             bar.update(batch.tokens)
@@ -343,21 +349,30 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
     summary.documents_learned = sum(ledger.seen(d) for d in plan.new)  # all unseen when planned
     check_publishable(summary, recipe, finite)
 
-    # --- publish: a complete version appears by rename; only then does `current` move
+    # --- publish: a complete version appears by rename; the gate scores it; only then does `current` move
     meta = {"target_kind": recipe.target.kind, "recipe_hash": run_hash(recipe)}
     card = functools.partial(model_card, recipe, plan, summary)  # README.md of the version
-    new_version = publish(
-        out,
-        engine,
-        lambda tmp: export_target(learner.target, tmp),
-        plan,
-        ledger,
-        summary,
-        to_yaml(recipe),
-        meta,
-        recipe.keep_versions,
-        card,
-    )
+    try:
+        new_version = publish(
+            out,
+            engine,
+            lambda tmp: export_target(learner.target, tmp),
+            plan,
+            ledger,
+            summary,
+            to_yaml(recipe),
+            meta,
+            recipe.keep_versions,
+            card,
+            gate,
+        )
+    except GateRejectedError:  # the run is over: its documents stay unseen, its version stays rejected
+        summary.exit_code = int(ExitCode.GATE_REJECTED)
+        if ctx.is_main:
+            finish_work(work)
+            summary.versions = versions_info(out)
+            metrics.log(event="summary", **summary.to_dict())
+        raise
     summary.exit_code = int(ExitCode.OK)
     if ctx.is_main:
         finish_work(work)
@@ -399,6 +414,18 @@ def checkpoint_due(recipe: UpdateRecipe, step: int, last_save: float, engine, st
     return None
 
 
+def build_gate(recipe: UpdateRecipe, version: Path | None):
+    """The quality gate as a function of the candidate version (None without a ``gate`` section).
+
+    The candidate is compared with the served version, or with ``target.path`` on the first night.
+    """
+    if not recipe.gate.enabled:
+        return None
+    gate = recipe.gate.build()
+    baseline = str(version) if version is not None else recipe.target.path
+    return functools.partial(gate.evaluate, baseline=baseline, dtype=recipe.target.dtype)
+
+
 def check_publishable(summary: RunSummary, recipe: UpdateRecipe, finite: bool) -> None:
     """Refuse to publish weights that are not finite, moved too far, or did not move; warn when barely.
 
@@ -423,6 +450,14 @@ def check_publishable(summary: RunSummary, recipe: UpdateRecipe, finite: bool) -
     why = f"lr {recipe.optim.lr:g}, {summary.steps} steps ({summary.skipped_steps} skipped)" + _lambda_note(
         summary.recadam
     )
+    if moved["tensors_changed"] == 0 and summary.empty_steps == summary.steps > 0:
+        note = (
+            f"weights.sparse dropped every row of the night ({summary.rows_dropped} rows without weight): "
+            "nothing was trained; the version records the documents as processed"
+        )
+        summary.warnings.append(note)
+        logger.warning(note)
+        return
     if moved["tensors_changed"] == 0:
         raise NotLearnedError(
             f"the trained weights did not move in {summary.steps} steps ({why}); nothing was published and "

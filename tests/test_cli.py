@@ -33,3 +33,14 @@ def test_only_cli_imports_click():
 def test_every_command_is_registered():
     assert {"report", "weights", "convert-smollm2", "data", "export", "eval", "update"} <= set(main.commands)
     assert {"synth", "lama-ckl"} <= set(main.commands["data"].commands)
+
+
+def test_validate_tells_each_shipped_recipe_s_job():
+    """Eval recipes embed a ``target`` section like update recipes; validate must still read them as eval."""
+    from ckl_toolkit.cli import _guess_job
+
+    recipes = PACKAGE.parent / "recipes"
+    jobs = {p.name: _guess_job(p) for p in sorted(recipes.glob("*.yaml"))}
+    assert jobs["lama_ckl_synthetic.yaml"] == jobs["temporalwiki_nights.yaml"] == "eval"
+    assert jobs["temporalwiki.yaml"] == jobs["update_synthetic.yaml"] == "update"
+    assert jobs["meta_smollm2.yaml"] == jobs["meta_temporalwiki.yaml"] == "meta"

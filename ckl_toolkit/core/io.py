@@ -159,6 +159,24 @@ class MetricsLogger:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def resume_at(self, step: int) -> None:
+        """Forget the records of steps after ``step``, the checkpoint a run resumes from.
+
+        A run killed between logging step N and checkpointing it logs N again after the resume;
+        dropping every record past the checkpoint (and a torn last line) keeps each step once.
+        """
+        if self.path is None or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the partial line of a kill mid-write
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(record)
+        write_text_atomic(self.path, "".join(json.dumps(r, default=float) + "\n" for r in kept))
+
     def log(self, **record: Any) -> None:
         if self.path is None:
             return

@@ -87,6 +87,7 @@ def token_nll(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     chunk_tokens: int = 0,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run a causal LM and return its (B, T-1) per-target-token NLL (zero where no target counts).
 
@@ -98,14 +99,18 @@ def token_nll(
         chunk_tokens: > 0: the LM head and cross-entropy run over this many targets at a time and the
             full logits never exist (models whose logits are not plain ``lm_head(hidden)`` fall back to
             the full path); 0: the full (B, T, V) logits, as the model's own forward returns them.
+        positions: (B, T-1) bool, the only targets to compute (others get 0): on the chunked path the
+            LM head and cross-entropy never run elsewhere (TA-gated sparse updates); None: every target.
     """
     mask = target_mask(attention_mask, position_ids)  # (B, T-1)
+    if positions is not None:
+        mask = mask & positions
     parts = lm_trunk_and_head(model) if chunk_tokens > 0 else None
     if parts is None:
         inputs = model_inputs(input_ids, attention_mask, position_ids)
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
         nll = token_nll_from_logits(logits, input_ids, attention_mask)
-        return nll if position_ids is None else nll * mask.to(nll.dtype)
+        return nll if position_ids is None and positions is None else nll * mask.to(nll.dtype)
     trunk, head = parts
     hidden = trunk(input_ids, attention_mask, position_ids)  # (B, T, H)
     return chunked_nll(head, hidden[:, :-1], input_ids[:, 1:], mask, chunk_tokens)

@@ -95,8 +95,10 @@ def train_epoch(learner: Learner, docs: list[Document], batching: BatchSpec, gua
     learner.target.model.train()
     b, losses = batching, []
     for batch in batches(docs, learner.tokenizer, b.max_length, b.batch_size, b.pack):
-        result = weighted_step(learner.engine, batch, learner.weigher, learner.tokenizer, guard)
-        if result.applied:
+        result = weighted_step(
+            learner.engine, batch, learner.weigher, learner.tokenizer, guard, sparsity=learner.sparsity
+        )
+        if result.applied and result.stepped:  # a sparse batch with no row left has no loss
             losses.append(result.loss)
     return sum(losses) / len(losses) if losses else math.nan
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ckl_toolkit.core.config import check_choices, fld, require
+from ckl_toolkit.nightly.gate import GateSpec
 from ckl_toolkit.nightly.sources import StreamConfig
 from ckl_toolkit.training.sections import BatchSpec, MixReviewSpec, OptimSpec, TargetSpec, WeightSpec
 
@@ -68,6 +69,7 @@ class UpdateRecipe:
     batching: BatchSpec = field(default_factory=BatchSpec)
     data: UpdateDataSpec | None = fld(None, "The new documents (and mix-review's pool).")
     engine: EngineSpec = field(default_factory=EngineSpec)
+    gate: GateSpec = field(default_factory=GateSpec)
     epochs: int = fld(1, "Passes over this run's new documents.")
     log_every: int = fld(10, "Steps between metrics.jsonl records.")
     save_every: int = fld(50, "Steps between resumable checkpoints (0: by the clock or a stop signal only).")

@@ -10,6 +10,11 @@ Layout of an update output directory::
       current -> versions/v000002   the served version (a symlink, replaced atomically)
       current.json           {"version": "v000002", "path": "versions/v000002"}, for platforms
                              without symlinks; written before the symlink
+      rollback.json          only while ``ckl rollback`` runs: {"from", "to"}; a killed rollback is
+                             finished from it (by the next rollback or update)
+
+A version may also hold ``gate.json`` (the quality gate's verdict, ``nightly.gate``) and
+``rejected.json`` (refused by the gate or rolled back by an operator: never served automatically).
 
 Everything that changes ``versions/`` or ``current`` must run under :class:`RunLock`.
 """
@@ -50,12 +55,19 @@ class ExitCode(IntEnum):
     NOTHING_TO_DO = 5  # no unseen documents; current is unchanged
     INTERRUPTED = 6  # stopped by a signal after saving a checkpoint; the next run resumes
     NOT_LEARNED = 7  # training ran but the weights did not move; nothing published, documents stay unseen
+    GATE_REJECTED = 8  # the quality gate refused the new version: kept as rejected, current is unchanged
 
 
 class NotLearnedError(RuntimeError):
     """The run's trained weights ended exactly where they started: publishing would mark documents learned."""
 
     exit_code = ExitCode.NOT_LEARNED
+
+
+class GateRejectedError(RuntimeError):
+    """The quality gate refused the candidate version: it stays in ``versions/`` marked rejected."""
+
+    exit_code = ExitCode.GATE_REJECTED
 
 
 class LockedError(RuntimeError):
@@ -66,7 +78,7 @@ class LockedError(RuntimeError):
 
 def exit_code_for(exc: BaseException) -> ExitCode:
     """The exit code that reports ``exc`` (ValueError covers ConfigError, JsonlError, StreamError)."""
-    if isinstance(exc, (LockedError, NotLearnedError)):
+    if isinstance(exc, (LockedError, NotLearnedError, GateRejectedError)):
         return exc.exit_code
     if isinstance(exc, DivergenceError):
         return ExitCode.DIVERGED
@@ -219,7 +231,7 @@ def publish_version(
 
     If ``build_fn`` raises, or the process dies, no ``v{N}`` appears and ``current`` is unchanged.
     Call under :class:`RunLock`: the next number and the clearing of stale temp dirs assume no
-    other writer.
+    other writer. (A gated publish calls :func:`build_version`, the gate, then :func:`serve_version`.)
 
     Args:
         output_dir: the update's output directory.
@@ -232,6 +244,19 @@ def publish_version(
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last: must be >= 1 or None, got {keep_last}")
+    final = build_version(output_dir, build_fn, meta)
+    serve_version(output_dir, final, keep_last)
+    return final
+
+
+def build_version(
+    output_dir: str | os.PathLike, build_fn: Callable[[Path], Any], meta: dict | None = None
+) -> Path:
+    """Build the next ``versions/vN`` in a hidden temp dir and rename it into place; ``current`` stays.
+
+    A version whose ``meta`` says ``gated: true`` is adopted by :func:`reconcile` only once its
+    ``gate.json`` says it passed.
+    """
     root = Path(output_dir) / "versions"
     _clear_stale(Path(output_dir))
     existing = list_versions(output_dir)
@@ -242,10 +267,16 @@ def publish_version(
         write_json_atomic(tmp / "version.json", {"version": final.name, "created": _now(), **(meta or {})})
         fault_point("version_built")
     fault_point("version_renamed")
-    set_current(output_dir, final)
+    return final
+
+
+def serve_version(output_dir: str | os.PathLike, version: Path, keep_last: int | None = None) -> None:
+    """Point ``current`` at a complete version, then prune to ``keep_last`` (None: keep all)."""
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last: must be >= 1 or None, got {keep_last}")
+    set_current(output_dir, version)
     if keep_last is not None:
         prune_versions(output_dir, keep_last)
-    return final
 
 
 def _clear_stale(output_dir: Path) -> None:
@@ -287,6 +318,32 @@ def _json_target(output_dir: Path) -> Path | None:
 # Reconciling a publish that was killed half-way.
 
 REJECTED = "rejected.json"  # a version the operator (or the gate) refused: never served automatically
+GATE_REPORT = "gate.json"  # the quality gate's verdict on a version (nightly.gate)
+ROLLBACK = "rollback.json"  # in output_dir while a rollback runs: {"from": vN, "to": vM}
+
+
+def is_rejected(version: Path) -> bool:
+    return (version / REJECTED).exists()
+
+
+def reject_version(version: Path, record: dict) -> None:
+    """Mark a version refused (atomically): reconcile never adopts it, ``ckl versions`` shows why."""
+    write_json_atomic(version / REJECTED, {"rejected": _now(), **record})
+
+
+def gate_verdict(version: Path) -> str | None:
+    """None: published without a gate; else "passed", "failed" or "pending" (killed before the verdict)."""
+    try:
+        meta = json.loads((version / "version.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not meta.get("gated"):
+        return None
+    try:
+        report = json.loads((version / GATE_REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "pending"
+    return "passed" if report.get("passed") else "failed"
 
 
 def _pointer_targets(output_dir: Path) -> tuple[Path | None, Path | None]:
@@ -308,16 +365,65 @@ def _built_on(version: Path) -> str | None | bool:
     return meta.get("base_version", False)
 
 
+def _settle_gate(version: Path) -> bool:
+    """A gated version whose gate did not pass is marked rejected; True if it may be served."""
+    verdict = gate_verdict(version)
+    if verdict in (None, "passed"):
+        return True
+    reason = "gate" if verdict == "failed" else "gate-interrupted"
+    why = "its gate failed" if verdict == "failed" else "the run was killed before its gate decided"
+    logger.warning("not adopting %s: %s; marked rejected", version.name, why)
+    reject_version(version, {"reason": reason, "detail": why})
+    return False
+
+
+def finish_rollback(output_dir: str | os.PathLike) -> Path | None:
+    """Finish a rollback that was killed half-way (``rollback.json`` is there); return its target.
+
+    A rollback is: write rollback.json; mark every version newer than the target rejected; move
+    ``current``; remove rollback.json. Each step is idempotent, so finishing replays them all.
+    """
+    output_dir = Path(output_dir)
+    path = output_dir / ROLLBACK
+    if not path.exists():
+        return None
+    intent = json.loads(path.read_text(encoding="utf-8"))
+    target = output_dir / "versions" / intent["to"]
+    if not target.is_dir():  # pruned by hand meanwhile: nothing left to finish
+        path.unlink()
+        return None
+    (target / REJECTED).unlink(missing_ok=True)  # --force on a rejected target
+    fault_point("rollback_cleared")
+    for v in list_versions(output_dir):
+        if v.name > target.name and not is_rejected(v):
+            reject_version(
+                v,
+                {
+                    "reason": "rollback",
+                    "detail": f"rolled back to {target.name}",
+                    "rolled_back_to": target.name,
+                },
+            )
+    fault_point("rollback_marked")
+    set_current(output_dir, target)
+    path.unlink()
+    _fsync_dir(output_dir)
+    fault_point("rollback_done")
+    return target
+
+
 def reconcile(output_dir: str | os.PathLike) -> Path | None:
     """Finish whatever a killed publish left half-done; return the served version. Idempotent.
 
-    A publish is: build a version in a hidden temp dir, rename it to ``versions/vN``, write
-    ``current.json``, move the ``current`` symlink, prune old versions. Killed anywhere in between,
-    this brings the output directory to the state the publish was heading for:
+    A publish is: build a version in a hidden temp dir, rename it to ``versions/vN``, (run the
+    quality gate and write its verdict,) write ``current.json``, move the ``current`` symlink, prune
+    old versions. Killed anywhere in between, this brings the output directory to the state the
+    publish was heading for:
 
-    - hidden temp / trash dirs and staged symlinks are removed;
+    - hidden temp / trash dirs and staged symlinks are removed; a killed rollback is finished;
     - a complete version that was built on top of the served one but never served (killed after
-      its rename) is adopted rather than trained again;
+      its rename) is adopted rather than trained again -- if it was gated, only once its gate
+      passed; a gate that failed or never decided marks it rejected instead;
     - ``current`` and ``current.json`` are made to agree (on a complete version).
 
     Call it under :class:`RunLock` at the start of every run, so even a run with nothing to learn
@@ -325,17 +431,20 @@ def reconcile(output_dir: str | os.PathLike) -> Path | None:
     """
     output_dir = Path(output_dir)
     _clear_stale(output_dir)
-    versions = [v for v in list_versions(output_dir) if not (v / REJECTED).exists()]
+    finish_rollback(output_dir)
+    versions = [v for v in list_versions(output_dir) if not is_rejected(v)]
     linked, pointed = _pointer_targets(output_dir)
     served = linked or pointed  # the symlink is what servers read
     newest = versions[-1] if versions else None
     if newest is not None and newest != served:
         base = _built_on(newest)
         if base is not False and base == (served.name if served else None):
-            logger.warning(
-                "adopting %s: it was published complete by a run killed before `current` moved", newest.name
-            )
-            served = newest
+            if _settle_gate(newest):
+                logger.warning(
+                    "adopting %s: it was published complete by a run killed before `current` moved",
+                    newest.name,
+                )
+                served = newest
         elif served is None:
             served = newest  # pointers lost: the newest complete version is the best guess
     if served is not None and (linked != served or pointed != served):

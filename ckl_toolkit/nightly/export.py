@@ -132,13 +132,13 @@ def export_version(version: Path, out: Path | None, merge: bool, dtype: str | No
             "--merge: a K-Adapter adds layers to the base, it is not a weight delta to merge; "
             "serve base + adapter/ (training.kadapter.load_adapter)"
         )
-    if merge and kind == "full":
-        raise ConfigError("--merge: a full fine-tune has no adapter; export it with --dtype only")
+    if merge and kind in ("full", "subset"):
+        raise ConfigError("--merge: a full or subset fine-tune has no adapter; export it with --dtype only")
     suffix = ("merged" if merge else kind) + (f"-{dtype}" if dtype else "")
     out = out or version.parent.parent / "exports" / f"{version.name}-{suffix}"
     torch_dtype = DTYPES[dtype] if dtype else None
     with atomic_dir(out) as tmp:
-        if merge or kind == "full":
+        if merge or kind in ("full", "subset"):
             if merge and not (version / MODEL_DIR).is_dir():  # merged at training time: model/ is it
                 model, tokenizer, _ = load_adapter_version(version)
                 model = model.merge_and_unload()

@@ -43,6 +43,10 @@ def check_paths(recipe: UpdateRecipe) -> None:
         for path in stream.paths:
             if not glob.has_magic(path):  # a glob may match nothing on a quiet night
                 require_file(path, f"{field}.paths")
+    for name in ("canaries", "to_learn", "heldout"):
+        path = getattr(recipe.gate, name)
+        if path:
+            require_file(path, f"gate.{name}")
 
 
 @dataclass
@@ -138,7 +142,8 @@ def estimate_memory(recipe: UpdateRecipe, loss_chunk: int) -> dict | None:
     params = sum(math.prod(s) for s in shapes.values())
     hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
     inter = config.get("intermediate_size", 4 * hidden)
-    trainable = {"full": params, "lora": 0, "qlora": 0, "kadapter": 0}[t.kind]
+    # a subset target is estimated as a full one: an upper bound (its frozen weights need no state)
+    trainable = {"full": params, "subset": params, "lora": 0, "qlora": 0, "kadapter": 0}[t.kind]
     if t.kind in ("lora", "qlora"):
         trainable = lora_parameters(shapes, t.lora.r, t.lora.target_modules)
     elif t.kind == "kadapter":  # per adapter: down/up projections + block_layers transformer layers
@@ -146,7 +151,7 @@ def estimate_memory(recipe: UpdateRecipe, loss_chunk: int) -> dict | None:
         adapters = len(k.layers) if k.layers else len({0, layers // 2, layers - 1})
         trainable = adapters * (2 * hidden * width + k.block_layers * 12 * width**2) + 2 * hidden
     per_param = 4 * (3 + (recipe.optim.name == "recadam"))  # grad, m, v (+ anchor), fp32
-    per_param += 4 * (t.kind != "full")  # adapters are not in the base's weights
+    per_param += 4 * (t.kind not in ("full", "subset"))  # adapters are not in the base's weights
     tokens = recipe.batching.batch_size * recipe.batching.max_length
     unit = 4 * tokens * hidden  # one fp32 (tokens, hidden) tensor
     per_layer = ACTIVATION_UNITS * unit + 4 * 4 * tokens * inter

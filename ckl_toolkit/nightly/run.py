@@ -10,7 +10,8 @@ Layout (on top of ``contract``'s ``versions/`` and ``current``)::
                                 state.json (UpdateState), rng per rank, ledger.json
       metrics.jsonl             every run's records, tagged with the run id
       logs/update.log
-      versions/vNNNNNN/         model/ or adapter/, ledger.json, documents.jsonl, summary.json, recipe.yaml
+      versions/vNNNNNN/         model/ or adapter/, ledger.json, documents.jsonl, summary.json, recipe.yaml,
+                                gate.json + gate.md (with a gate), rejected.json (refused)
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from pathlib import Path
 from ckl_toolkit.core.checkpoint import load_step as core_load_step
 from ckl_toolkit.core.checkpoint import save_step as core_save_step
 from ckl_toolkit.core.io import read_jsonl, write_json_atomic, write_jsonl_atomic
-from ckl_toolkit.nightly.contract import current_version, list_versions, publish_version
+from ckl_toolkit.nightly.contract import (
+    GateRejectedError,
+    build_version,
+    current_version,
+    fault_point,
+    list_versions,
+    reject_version,
+    serve_version,
+)
+from ckl_toolkit.nightly.gate import write_report
 from ckl_toolkit.nightly.ledger import DocumentLedger
 from ckl_toolkit.nightly.plan import Plan
 from ckl_toolkit.training.batching import BatchStats, Cursor
@@ -46,6 +56,8 @@ class UpdateState:
     resumed_from: int = 0  # the step of the checkpoint this process started from
     batching: BatchStats = field(default_factory=BatchStats)
     guard: dict = field(default_factory=dict)  # NonFiniteGuard.state_dict()
+    rows_dropped: int = 0  # weights.sparse: rows never run (their documents count as processed)
+    empty_steps: int = 0  # weights.sparse: steps whose every row was dropped (no forward, no step)
 
     def state_dict(self) -> dict:
         return {**asdict(self), "cursor": self.cursor.to_json()}
@@ -78,6 +90,8 @@ class RunSummary:
     split_documents: int = 0
     steps: int = 0
     skipped_steps: int = 0
+    rows_dropped: int = 0  # weights.sparse: rows below doc_min_mass, never run
+    empty_steps: int = 0  # weights.sparse: steps without any row left
     train_seconds: float = 0.0
     tokens_per_s: float = 0.0
     cpu_seconds: float = 0.0
@@ -91,6 +105,7 @@ class RunSummary:
     version: str | None = None
     files: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
+    gate: dict | None = None  # the quality gate's report (nightly.gate), None without a gate
 
     @classmethod
     def of_plan(cls, plan: Plan) -> RunSummary:
@@ -103,6 +118,7 @@ class RunSummary:
             state.step,
             skipped_steps,
         )
+        self.rows_dropped, self.empty_steps = state.rows_dropped, state.empty_steps
         self.train_seconds, self.cpu_seconds = round(state.train_seconds, 3), round(state.cpu_seconds, 3)
         self.tokens_per_s, self.resumed_from, self.seconds = (
             state.tokens_per_s,
@@ -145,12 +161,18 @@ def publish(
     version_meta: dict,
     keep_versions: int,
     card: Callable[[Path], None] | None = None,
+    gate: Callable[[Path], dict] | None = None,
 ) -> Path | None:
-    """Export the model, commit the ledger and summary into a new version, move ``current`` to it.
+    """Export the model, commit the ledger and summary into a new version, gate it, move ``current`` to it.
 
     Collective under ZeRO-3 (the export gathers parameters): every rank enters, rank 0 writes.
     ``card`` writes the model card into the version (after the export, whose README it replaces).
+    ``gate`` (rank 0, outside the gather) scores the complete version before ``current`` moves and
+    returns its report (``nightly.gate``); a failed report leaves the version marked rejected.
     Returns the new version directory on rank 0 (None elsewhere).
+
+    Raises:
+        GateRejectedError: on every rank when the gate failed (``current`` unchanged, exit 8).
     """
     version = None
     with engine.gathered():
@@ -170,9 +192,33 @@ def publish(
                     card(tmp)
 
             meta = {"period": plan.period, "run": plan.run, "base_version": plan.base_version}
-            meta.update(documents=summary.documents_learned, **version_meta)
-            version = publish_version(output_dir, build, keep_last=keep_versions, meta=meta)
+            meta.update(documents=summary.documents_learned, gated=gate is not None, **version_meta)
+            version = build_version(output_dir, build, meta=meta)
     engine.barrier()
+    report = None
+    if engine.rank == 0:  # the gather is over: the gate loads two models, the engine keeps only its shard
+        report = gate(version) if gate is not None else None
+        if report is not None:
+            write_report(version, report)
+            fault_point("gate_reported")
+        if report is None or report["passed"]:
+            serve_version(output_dir, version, keep_versions)
+        else:
+            reject_version(
+                version,
+                {
+                    "reason": "gate",
+                    "detail": "failed: " + ", ".join(report["failed"]),
+                    "failing_probes": report["failing_probes"],
+                },
+            )
+    summary.gate = report
+    if engine.all_mean(float(bool(report) and not report["passed"])) > 0:  # sync point: rank 0's verdict
+        raise GateRejectedError(
+            f"the quality gate refused {version.name if version else 'the new version'} "
+            f"({', '.join(report['failed']) if report else 'see rank 0'}); it is kept as rejected and "
+            "current is unchanged. Its report: gate.md in the version"
+        )
     return version
 
 
@@ -182,6 +228,7 @@ def model_card(recipe, plan: Plan, summary: RunSummary, version_dir: Path) -> No
     base = os.path.abspath(t.path) if not t.path.startswith("hf://") else t.path
     kind = {
         "full": "every weight (full fine-tune)",
+        "subset": f"only the base's {t.subset} weights (the rest frozen)",
         "kadapter": "K-Adapter blocks on the frozen base",
         "lora": f"LoRA r={t.lora.r}, alpha={t.lora.alpha} on {t.lora.target_modules}",
         "qlora": f"QLoRA (4-bit base) r={t.lora.r}, alpha={t.lora.alpha} on {t.lora.target_modules}",

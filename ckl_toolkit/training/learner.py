@@ -6,7 +6,7 @@ Both ``ckl update`` and the ``ckl eval`` protocols build their learner here and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ import torch
 from ckl_toolkit.distributed.process import DistContext
 from ckl_toolkit.training.engine import Engine, build_engine
 from ckl_toolkit.training.sections import OptimSpec, TargetSpec, WeightSpec
+from ckl_toolkit.training.step import Sparsity
 from ckl_toolkit.training.targets import Target
 from ckl_toolkit.training.weighers import Weigher
 
@@ -23,6 +24,7 @@ class Learner:
     target: Target
     weigher: Weigher
     engine: Engine
+    sparsity: Sparsity = field(default_factory=Sparsity)  # weights.sparse (default: dense)
 
     @property
     def tokenizer(self):
@@ -67,4 +69,4 @@ def build_learner(
     engine = make_engine(model, optim, ctx, planned_steps)
     model.model.train()
     torch.manual_seed(seed + (ctx.rank if ctx is not None else 0))  # dropout differs per rank, repeatably
-    return Learner(model, weigher, engine)
+    return Learner(model, weigher, engine, weights.sparse.build())

@@ -2,6 +2,7 @@
 
     target      what trains: full / lora / qlora / kadapter           -> TargetSpec.build -> Target
     weights     which tokens count: uniform / oracle / taalm / rho1    -> WeightSpec.build -> Weigher
+                (weights.sparse: TA-gated sparse updates                -> SparseSpec.build -> Sparsity)
     optim       AdamW or RecAdam, lr, clipping                         -> OptimSpec.build -> Optimizer
     mix_review  how much older data to rehearse (the pool is data)     -> MixReviewSpec.epoch -> documents
     batching    rows, windows of long documents, packing, shuffling    -> training.batching.batches
@@ -27,10 +28,12 @@ from ckl_toolkit.training.batching import epoch_documents
 from ckl_toolkit.training.kadapter import KAdapterConfig
 from ckl_toolkit.training.mix_review import MixReviewConfig
 from ckl_toolkit.training.recadam import RecAdam, recadam_lambda
+from ckl_toolkit.training.step import Sparsity
+from ckl_toolkit.training.subset import check_subset
 from ckl_toolkit.training.targets import Target, build_target
 from ckl_toolkit.training.weighers import Weigher, build_weigher
 
-TARGET_KINDS = ("full", "lora", "qlora", "kadapter")
+TARGET_KINDS = ("full", "subset", "lora", "qlora", "kadapter")
 EXPORTS = ("auto", "model", "merged", "adapter")
 WEIGHT_METHODS = ("taalm", "uniform", "oracle", "rho1")
 OPTIMIZERS = ("adamw", "recadam")
@@ -60,12 +63,17 @@ class TargetSpec:
     path: str = fld("", "HF causal-LM directory of the model before its first update.")
     kind: str = fld(
         "full",
-        "What trains: full (every weight), lora / qlora (peft adapters; qlora needs CUDA and "
-        "bitsandbytes), kadapter (frozen base + K-Adapter blocks).",
+        "What trains: full (every weight), subset (only target.subset of the base's weights), lora / qlora "
+        "(peft adapters; qlora needs CUDA and bitsandbytes), kadapter (frozen base + K-Adapter blocks).",
         choices=TARGET_KINDS,
     )
     dtype: str = fld("float32", "Parameter dtype of the target.", choices=tuple(DTYPES))
     attn_implementation: str = fld("sdpa", "Attention kernel of the target.", choices=("eager", "sdpa"))
+    subset: str = fld(
+        "attention",
+        "kind=subset: attention, mlp, mlp_gate_up, top_k_layers:K, freeze_bottom_k:K, or a regular "
+        "expression over parameter names (training.subset).",
+    )
     lora: LoraSpec = field(default_factory=LoraSpec)
     kadapter: KAdapterSpec = field(default_factory=KAdapterSpec)
     export: str = fld(
@@ -83,6 +91,11 @@ class TargetSpec:
     def __post_init__(self):
         check_choices(self)
         require(bool(self.path), "path", "a model directory is required")
+        if self.kind == "subset":
+            try:
+                check_subset(self.subset, "subset")
+            except ConfigError as e:
+                raise ConfigError(str(e)) from None
         export = self.export_kind
         require(
             export != "merged" or self.kind in ("lora", "qlora"),
@@ -90,12 +103,12 @@ class TargetSpec:
             f"'merged' needs target.kind lora or qlora, got {self.kind!r}",
         )
         require(
-            export != "adapter" or self.kind != "full",
+            export != "adapter" or self.kind not in ("full", "subset"),
             "export",
-            "a full fine-tune has no adapter; use 'model'",
+            "a full or subset fine-tune has no adapter; use 'model'",
         )
         require(
-            export != "model" or self.kind == "full",
+            export != "model" or self.kind in ("full", "subset"),
             "export",
             f"target.kind={self.kind!r} exports 'adapter' (or 'merged' for LoRA)",
         )
@@ -104,12 +117,41 @@ class TargetSpec:
     def export_kind(self) -> str:
         """``export`` with auto resolved: model for a full fine-tune, adapter otherwise."""
         if self.export == "auto":
-            return "model" if self.kind == "full" else "adapter"
+            return "model" if self.kind in ("full", "subset") else "adapter"
         return self.export
 
     def build(self, version: Path | None, seed: int) -> Target:
         """The target of a run starting from ``version`` (None: from ``path``); see training.targets."""
         return build_target(self, version, seed)
+
+
+@dataclass
+class SparseSpec:
+    doc_min_mass: float = fld(
+        0.0,
+        "Skip a row (a document, its window, or a packed row) whose token-weight mass Σw, after "
+        "token_min_weight, is below this: no forward, backward or LM head for it (0: off).",
+    )
+    token_min_weight: float = fld(
+        0.0, "Token weights below this become 0: those tokens leave the loss (0: off)."
+    )
+    weighted_head: bool = fld(
+        False,
+        "Run the LM head and cross-entropy only at targets whose weight is > 0 (same loss, less compute).",
+    )
+    doc_token_weight: float = fld(
+        0.0,
+        "A row's mass for doc_min_mass counts only tokens weighted at least this (0: all); unlike "
+        "token_min_weight it leaves the loss of the rows kept unchanged.",
+    )
+
+    def __post_init__(self):
+        require(self.doc_min_mass >= 0, "doc_min_mass", "must be >= 0")
+        require(0 <= self.token_min_weight <= 1, "token_min_weight", "must be in [0, 1]")
+        require(0 <= self.doc_token_weight <= 1, "doc_token_weight", "must be in [0, 1]")
+
+    def build(self) -> Sparsity:
+        return Sparsity(self.doc_min_mass, self.token_min_weight, self.weighted_head, self.doc_token_weight)
 
 
 @dataclass
@@ -135,9 +177,16 @@ class WeightSpec:
     )
     keep_ratio: float = fld(0.6, "rho1: fraction of the batch's tokens kept.")
     object_field: str = fld("object", "oracle: document field holding the object string.")
+    sparse: SparseSpec = field(default_factory=SparseSpec)
 
     def __post_init__(self):
         check_choices(self)
+        require(
+            self.method != "rho1" or not self.sparse.build().active,
+            "sparse",
+            "RHO-1's weights need the target's losses first; sparse updates gate on weights known before "
+            "the forward (taalm, oracle, uniform)",
+        )
         require(
             self.method != "taalm" or bool(self.ta_path),
             "ta_path",

@@ -4,6 +4,12 @@
     loss = the weigher's loss of the target's per-token NLL under w           scalar
     skip the step if the loss is not finite on any rank, else backward + clip + optimizer step
 
+TA-gated sparse updates (``Sparsity``, default off): the weights come first, from the TA model alone;
+tokens under ``token_min_weight`` leave the loss, rows whose remaining weight mass is under
+``doc_min_mass`` (or zero) are dropped before the target's forward, and with ``weighted_head`` the LM
+head and cross-entropy run only at the targets that still carry weight. A batch left without rows
+takes no forward, backward or optimizer step; its documents still count as processed.
+
 Under several ranks each rank takes rows ``rank::world`` of the global batch; every decision that
 must agree across ranks (skip or step) is taken on an all-reduced loss.
 """
@@ -73,12 +79,29 @@ class NonFiniteGuard:
 
 
 @dataclass
+class Sparsity:
+    """TA-gated sparse updates; the defaults change nothing (``weights.sparse`` of a recipe)."""
+
+    doc_min_mass: float = 0.0  # drop rows whose weight mass Σw (in tokens) is below this
+    token_min_weight: float = 0.0  # weights below this become 0: those tokens leave the loss
+    weighted_head: bool = False  # LM head + cross-entropy only where a weight is > 0
+    doc_token_weight: float = 0.0  # a row's mass counts only tokens weighted at least this (loss unchanged)
+
+    @property
+    def active(self) -> bool:
+        return self.doc_min_mass > 0 or self.token_min_weight > 0 or self.weighted_head
+
+
+@dataclass
 class StepResult:
     loss: float  # the batch's loss, mean over ranks
     weights: torch.Tensor  # (b, T-1) this rank's token weights
     mask: torch.Tensor  # (b, T-1) bool, this rank's real target tokens
     applied: bool  # False: the loss was not finite and the step was skipped
     grad_norm: float | None  # before clipping (None when skipped)
+    stepped: bool = True  # False: sparse, every row was dropped (no forward, backward or step)
+    rows_dropped: int = 0  # sparse: this rank's rows left out of the forward
+    head_targets: int = -1  # sparse: targets the LM head ran on (this rank); -1: every real target
 
     @property
     def mean_weight(self) -> float:
@@ -129,6 +152,7 @@ def weighted_step(
     object_field: str = "object",
     step: int | None = None,
     loss_chunk: int = LOSS_CHUNK_TOKENS,
+    sparsity: Sparsity | None = None,
 ) -> StepResult:
     """One optimizer step of ``engine`` on this rank's rows of ``batch``, tokens weighted by ``weigher``.
 
@@ -141,9 +165,12 @@ def weighted_step(
         object_field: the documents' field naming the object (the oracle's).
         step: the step number, for the guard's log line.
         loss_chunk: targets per LM-head chunk (0: the full (b, T, V) logits; ``core.losses.token_nll``).
+        sparsity: TA-gated sparse updates (None or inactive: the dense step).
     """
     tb = text_batch(batch, engine.rank, engine.world, tokenizer, weigher.needs_text, object_field)
     tb = tb.to(module_device(engine.module))
+    if sparsity is not None and sparsity.active:
+        return sparse_step(engine, tb, weigher, guard, sparsity, step, loss_chunk)
     ids, mask, pos = tb.enc.input_ids, tb.enc.attention_mask, tb.enc.position_ids  # (b, T); pos: packed
     nll = token_nll(engine.module, ids, mask, pos, loss_chunk)  # (b, T-1) nats per target token
     w = weigher.weights(tb, nll.detach()).to(nll.device)  # (b, T-1) token weights in [0, 1]
@@ -154,3 +181,62 @@ def weighted_step(
         return StepResult(mean_loss, w.detach(), real, False, None)
     grad_norm = engine.step(loss)  # backward, clip, optimizer step (RecAdam: the pull to θ* included)
     return StepResult(mean_loss, w.detach(), real, True, grad_norm)
+
+
+def sparse_rows(w: torch.Tensor, real: torch.Tensor, sparsity: Sparsity) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights with tokens under ``token_min_weight`` zeroed, (b,) bool rows kept)."""
+    if sparsity.token_min_weight > 0:
+        w = torch.where(w >= sparsity.token_min_weight, w, torch.zeros_like(w))
+    keep = ((w * real).sum(dim=1) > 0) & (row_mass(w, real, sparsity) >= sparsity.doc_min_mass)
+    return w, keep
+
+
+def row_mass(w: torch.Tensor, real: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
+    """(b,) weight mass per row, in tokens, over the tokens weighted at least ``doc_token_weight``.
+
+    With a TA model whose floor weight is small but not 0, the floor summed over a long row would
+    otherwise outweigh a new fact.
+    """
+    counted = w * real
+    if sparsity.doc_token_weight > 0:
+        counted = torch.where(w >= sparsity.doc_token_weight, counted, torch.zeros_like(counted))
+    return counted.sum(dim=1)
+
+
+def sparse_step(
+    engine,
+    tb: TextBatch,
+    weigher: Weigher,
+    guard: NonFiniteGuard,
+    sparsity: Sparsity,
+    step: int | None,
+    loss_chunk: int,
+) -> StepResult:
+    """``weighted_step`` with the weights first: rows and LM-head targets without weight are never run."""
+    ids, mask, pos = tb.enc.input_ids, tb.enc.attention_mask, tb.enc.position_ids  # (b, T)
+    real = target_mask(mask, pos)  # (b, T-1)
+    w = weigher.weights(tb, None).to(ids.device)  # (b, T-1) from the TA model alone: no target forward
+    w, keep = sparse_rows(w, real, sparsity)
+    dropped = int((~keep).sum())
+    if engine.all_mean(float(keep.sum())) == 0:  # sync point: no rank has a row left, nobody steps
+        return StepResult(0.0, w, real, True, None, stepped=False, rows_dropped=dropped, head_targets=0)
+    index = keep.nonzero().squeeze(1)  # (k,) the rows kept
+    dummy = index.numel() == 0  # others have rows: take part in the collectives with one row at weight 0
+    if dummy:
+        index = torch.zeros(1, dtype=torch.long, device=ids.device)
+    ids, mask, real = ids[index], mask[index], real[index]
+    pos = None if pos is None else pos[index]
+    w = torch.zeros_like(w[index]) if dummy else w[index]  # (k, T-1)
+    heads = ((w > 0) & real) if sparsity.weighted_head and not dummy else None
+    nll = token_nll(engine.module, ids, mask, pos, loss_chunk, heads)  # (k, T-1), 0 where not computed
+    loss = weigher.loss(nll, w, real)
+    mean_loss = engine.all_mean(float(loss.detach()))  # sync point: every rank decides alike
+    head_targets = int(real.sum()) if heads is None else int(heads.sum())
+    if not guard.check(mean_loss, step):
+        return StepResult(
+            mean_loss, w.detach(), real, False, None, rows_dropped=dropped, head_targets=head_targets
+        )
+    grad_norm = engine.step(loss)
+    return StepResult(
+        mean_loss, w.detach(), real, True, grad_norm, rows_dropped=dropped, head_targets=head_targets
+    )

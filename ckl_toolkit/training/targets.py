@@ -4,6 +4,7 @@ A nightly run continues from the served version, not from the original model:
 
     kind       starts from                                   a version holds
     full       current/model (else target.path)              model/   HF safetensors + tokenizer
+    subset     the same; only target.subset trains           model/   (training.subset)
     lora       target.path + current/adapter (trainable)     adapter/ peft adapter (+ model/ if merged)
     qlora      4-bit target.path + current/adapter           adapter/ (+ model/ merged in target.dtype)
     kadapter   target.path + current/adapter                 adapter/ K-Adapter dir (not an HF model)
@@ -38,6 +39,7 @@ from ckl_toolkit.core.models import (
 from ckl_toolkit.core.paths import model_source
 from ckl_toolkit.core.text import ensure_pad_token
 from ckl_toolkit.training.kadapter import KAdapterModel, load_adapter
+from ckl_toolkit.training.subset import restrict_trainable
 
 if TYPE_CHECKING:
     from ckl_toolkit.training.sections import TargetSpec
@@ -122,9 +124,11 @@ def build_target(spec: TargetSpec, version: Path | None, seed: int) -> Target:
     tokenizer = load_tokenizer(spec.path, "target.path")
     ensure_pad_token(tokenizer)
     adapter = version / ADAPTER_DIR if version is not None else None
-    if spec.kind == "full":
+    if spec.kind in ("full", "subset"):
         start = version / MODEL_DIR if version is not None else Path(spec.path)
         model = _load_base(spec, start, "current version" if version is not None else "target.path")
+        if spec.kind == "subset":  # the rest is frozen: the optimizer never sees it
+            restrict_trainable(model, spec.subset)
     elif spec.kind in ("lora", "qlora"):
         base = _load_quantized(spec) if spec.kind == "qlora" else _load_base(spec, spec.path)
         if adapter is not None:
@@ -176,7 +180,7 @@ def export_target(target: Target, out: Path) -> list[str]:
     adapter/. Tensors are safetensors; the tokenizer is saved beside them.
     """
     kind, written = target.spec.kind, []
-    if kind == "full":
+    if kind in ("full", "subset"):
         target.model.save_pretrained(out / MODEL_DIR)
         target.tokenizer.save_pretrained(out / MODEL_DIR)
         return [MODEL_DIR]

@@ -72,6 +72,21 @@ def test_resume_equals_uninterrupted(tiny_lm_dir, meta_data, tmp_path):
     assert not states_equal(load_ta_model(tmp_path / "b" / "checkpoints" / "step_00000002" / "ta"), resumed)
 
 
+def test_a_resume_logs_each_step_once(tiny_lm_dir, meta_data, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    meta_train(recipe(tiny_lm_dir, meta_data, run))
+    # a kill after steps 3 and 4 were logged but before step 4's checkpoint, mid-way through a line
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "outer_lo')
+    meta_train(recipe(tiny_lm_dir, meta_data, run))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_lm_dir, meta_data, tmp_path):
     import os
     import signal

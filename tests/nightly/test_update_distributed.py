@@ -94,3 +94,27 @@ def test_two_rank_zero3_lora_update_exports_an_adapter_that_loads(tmp_path, tiny
     for name, t in tensors.items():
         assert torch.allclose(t, mine[name], atol=1e-5), name
     assert single.steps == summary["steps"]
+
+
+@pytest.mark.distributed
+def test_two_rank_zero3_update_is_gated_on_rank_0_and_every_rank_stops(tmp_path, tiny_lm_dir):
+    """The gate scores the exported version once the ZeRO-3 gather is over; a refusal stops both ranks."""
+    data = write_jsonl(tmp_path / "data/a.jsonl", facts("d", 4)).parent
+    probes = [{"id": f"p{i}", "probe": f"{r['text'].split(' .')[0]}", "object": r["object"]}
+              for i, r in enumerate(facts("d", 4))]  # fmt: skip
+    to_learn = write_jsonl(tmp_path / "gate/to_learn.jsonl", probes)
+    path = write_recipe(tmp_path, tiny_lm_dir, data, f"gate.to_learn={to_learn}", "gate.min_learned=1.0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}  # fmt: skip
+    cmd = [sys.executable, "-m", "ckl_toolkit.cli", "update", "--recipe", str(path),
+           "--launcher", "torchrun", "--nproc", "2"]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode != 0  # torchrun reports the ranks' exit 8 as a failure of its own
+    out = tmp_path / "ds/out"
+    log = (out / "logs/update.log").read_text()
+    assert log.count("update stopped (exit 8 GATE_REJECTED)") == 2  # both ranks, none left waiting
+    version = out / "versions/v000001"
+    report = json.loads((version / "gate.json").read_text())
+    assert report["failed"] == ["to_learn"] and report["to_learn"]["n"] == 4
+    assert (version / "rejected.json").exists() and current_version(out) is None
+    assert (version / "adapter/adapter_model.safetensors").exists()  # the candidate, kept for a look
