@@ -21,11 +21,23 @@ OMP_WAIT_POLICY=PASSIVE unless set (see below why).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_metastep.py            # the real figures (minutes)
     python benchmarks/bench_metastep.py --quick --out /tmp/m.json    # smoke run (seconds)
+
+``--smollm2``: the issue's comparison on a SmolLM2-135M-shaped base (random init; the shape from
+``--config``, default SmolLM2-135M's), one process, every configuration interleaved round-robin:
+today's path (AdamW inner step on all parameters, jvp Jacobian, the logging forward every step, φ
+with 4 trainable layers) against the new one (top 4 layers + norm with the prefix cache,
+closed-form Jacobian, no logging forward, head-only φ), each at the shipped batch (4 × 192 tokens,
+tasks of 48) and the new one also at the CPU recipe's (8 × 64); and one plain forward+backward
+of the base on the same documents, the floor.
+
+    flock /tmp/ckl/cpu.lock env OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE \
+        python benchmarks/bench_metastep.py --smollm2          # -> results/metastep_smollm2.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -247,6 +259,123 @@ def _ratios(results: dict) -> dict:
     return out
 
 
+# SmolLM2-135M's shape (its config.json); --config reads another one
+SMOLLM2 = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192,
+}
+# name -> (inner params, jacobian, log every step, φ trains, B, T, Tt)
+SMOLLM2_CONFIGS = {
+    "old_shipped": ("all", "jvp", True, "last4", 4, 192, 48),
+    "new_shipped_batch": ("top_k_layers:4", "closed_form", False, "head", 4, 192, 48),
+    "new_cpu_recipe": ("top_k_layers:4", "closed_form", False, "head", 8, 64, 48),
+}
+
+
+def smollm2_bench(args: argparse.Namespace) -> dict:
+    """Seconds per meta-step of each SMOLLM2_CONFIGS entry and of a plain fwd+bwd, round-robin."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    from ckl_toolkit.core.losses import target_mask, token_nll, weighted_loss
+    from ckl_toolkit.core.ta_model import TrainAttentionModel
+    from ckl_toolkit.metalearn.step import meta_step
+    from ckl_toolkit.metalearn.subset import select_inner_params
+    from ckl_toolkit.training.engine import PlainEngine
+
+    torch.set_num_threads(args.threads)
+    shape = json.loads(Path(args.config).read_text()) if args.config else dict(SMOLLM2)
+    keep = set(SMOLLM2) | {"rope_parameters", "rope_theta"}
+    config = LlamaConfig(**{k: v for k, v in shape.items() if k in keep}, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval().requires_grad_(False)
+    ta_config = LlamaConfig(**{**config.to_dict(), "num_hidden_layers": 4})
+    g = torch.Generator().manual_seed(1)
+
+    def episodes(b: int, t: int, tt: int):
+        from ckl_toolkit.metalearn.episodes import EpisodeBatch
+
+        obj = torch.zeros(b, tt - 1, dtype=torch.bool)
+        obj[:, -3:] = True
+        ids = torch.randint(0, config.vocab_size, (b, t), generator=g)
+        doc_mask, task_mask = torch.ones(b, t, dtype=torch.long), torch.ones(b, tt, dtype=torch.long)
+        task = torch.randint(0, config.vocab_size, (b, tt), generator=g)
+        return EpisodeBatch(ids, doc_mask, torch.zeros(b, t - 1, dtype=torch.bool), task, task_mask, obj)
+
+    runs = {}
+    for name, (params, jac, log, phi_trains, b, t, tt) in SMOLLM2_CONFIGS.items():
+        torch.manual_seed(2)
+        phi = TrainAttentionModel(LlamaModel(ta_config), config.hidden_size).train()
+        phi.trunk.requires_grad_(phi_trains != "head")
+        trainable = {n: p for n, p in phi.named_parameters() if p.requires_grad}
+        engine = PlainEngine(phi, trainable, torch.optim.AdamW(trainable.values(), lr=3e-4), 1.0)
+        inner = InnerStepConfig(optimizer="adamw", lr=2e-4, jacobian=jac, params=params)
+        named = select_inner_params(base, dict(base.named_parameters()), params)
+        cfg = MetaGradConfig(inner=inner, method="central", mode="batched")
+        batch = episodes(b, t, tt)
+        runs[name] = (b, functools.partial(_subset_step, meta_step, engine, base, named, batch, cfg, log))
+    floor_batch = episodes(4, 192, 48)
+
+    def plain_fwd_bwd():  # the floor: one weighted forward+backward of the whole base, all parameters
+        params = list(base.parameters())
+        base.requires_grad_(True)
+        w = torch.rand(4, 191, generator=g)
+        nll = token_nll(base, floor_batch.doc_ids, floor_batch.doc_mask)
+        loss = weighted_loss(nll, w, target_mask(floor_batch.doc_mask))
+        torch.autograd.grad(loss, params)
+        base.requires_grad_(False)
+
+    runs["plain_fwd_bwd_4x192"] = (4, plain_fwd_bwd)
+    wall = {n: [] for n in runs}
+    for r in range(args.repeats + 1):  # round 0 warms up
+        for name, (_, fn) in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                wall[name].append(time.perf_counter() - t0)
+        print(f"round {r}: " + ", ".join(f"{n} {w[-1]:.2f}s" for n, w in wall.items() if w), file=sys.stderr)
+    out = {}
+    for name, (b, _) in runs.items():
+        sec = statistics.median(wall[name])
+        out[name] = {"sec_per_step": sec, "episodes_per_s": b / sec, "times_s": wall[name]}
+        if name in SMOLLM2_CONFIGS:
+            params, jac, log, phi_trains, b, t, tt = SMOLLM2_CONFIGS[name]
+            out[name]["setup"] = {
+                "inner_params": params,
+                "jacobian": jac,
+                "log_forward_every_step": log,
+                "phi_trains": phi_trains,
+                "B": b,
+                "T": t,
+                "Tt": tt,
+            }
+    floor = out["plain_fwd_bwd_4x192"]["sec_per_step"]
+    ratios = {
+        "new_over_old_episodes_per_s_shipped_batch": out["new_shipped_batch"]["episodes_per_s"]
+        / out["old_shipped"]["episodes_per_s"],
+        "new_cpu_recipe_over_old_episodes_per_s": out["new_cpu_recipe"]["episodes_per_s"]
+        / out["old_shipped"]["episodes_per_s"],
+        "old_step_over_plain_fwd_bwd": out["old_shipped"]["sec_per_step"] / floor,
+        "new_step_over_plain_fwd_bwd_shipped_batch": out["new_shipped_batch"]["sec_per_step"] / floor,
+    }
+    return {"results": out, "ratios": ratios, "n_params": sum(p.numel() for p in base.parameters())}
+
+
+def _subset_step(meta_step, engine, base, named: dict, batch, cfg, log: bool):
+    """One meta-step with exactly ``named`` trainable in the base (as meta.py sets it up)."""
+    base.requires_grad_(False)
+    for p in named.values():
+        p.requires_grad_(True)
+    return meta_step(engine, base, named, batch, cfg, log=log)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -260,7 +389,34 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # "memory:<config>" | "time"
+    parser.add_argument("--smollm2", action="store_true", help="old vs new meta-step on a SmolLM2 shape")
+    parser.add_argument("--config", help="--smollm2: a config.json for the shape (default SmolLM2-135M's)")
     args = parser.parse_args()
+    if args.smollm2:
+        load = os.getloadavg()
+        report = smollm2_bench(args)
+        report["machine"] = {
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "platform": platform.platform(),
+            "loadavg_at_start": load,
+            "loadavg_at_end": os.getloadavg(),
+        }
+        report["setup"] = {
+            "inner": "adamw lr 2e-4, central, batched, fp32, sdpa, random init",
+            "repeats": args.repeats,
+            "timing": "round-robin, median after a warm-up round",
+        }
+        default = parser.get_default("out")
+        out = Path(
+            ROOT / "benchmarks" / "results" / "metastep_smollm2.json" if args.out == default else args.out
+        )
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["ratios"], indent=2))
+        print(f"wrote {out}")
+        return
 
     if args.worker == "time":
         print("RESULT " + json.dumps(time_round_robin(args.configs, args)))

@@ -141,14 +141,20 @@ def data() -> None:
 @data.command("synth")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--quick", is_flag=True, help="The small world of the quick demo.")
+@click.option(
+    "--hard",
+    is_flag=True,
+    help="The quick world with hard evidence (same-relation restatements, distractors).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.argument("overrides", nargs=-1)
-def data_synth(out: Path, quick: bool, seed: int, overrides: tuple[str, ...]) -> None:
+def data_synth(out: Path, quick: bool, hard: bool, seed: int, overrides: tuple[str, ...]) -> None:
     """Write a synthetic world (pretraining corpus, LAMA-ckl files, meta pairs). OVERRIDES: key=value."""
     from ckl_toolkit.data.world import WorldConfig, build_world, write_world
 
+    base = WorldConfig.hard(seed) if hard else WorldConfig.quick(seed) if quick else WorldConfig.default(seed)
     try:
-        cfg = _apply(WorldConfig.quick(seed) if quick else WorldConfig.default(seed), overrides, "world")
+        cfg = _apply(base, overrides, "world")
     except ConfigError as e:
         _fail(e)
     world = build_world(cfg)
@@ -355,6 +361,9 @@ def meta_train_cmd(
             out = meta_train(r)
     except ConfigError as e:
         _fail(e)
+    except KeyboardInterrupt as e:  # SIGTERM / SIGINT: checkpointed; exit 6 as ckl update
+        click.echo(f"meta-train stopped: {e}", err=True)
+        sys.exit(6)
     finally:
         shutdown()  # the world of one that a recipe with distributed.ds_config creates
     click.echo(f"TA model written to {out}")

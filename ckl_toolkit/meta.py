@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ckl_toolkit.core.checkpoint import latest_checkpoint, load_step, save_step
+from ckl_toolkit.core.checkpoint import latest_checkpoint, load_state, load_step, save_step
 from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, require, to_yaml
 from ckl_toolkit.core.io import MetricsLogger, write_text_atomic
 from ckl_toolkit.core.models import LoraSpec, load_causal_lm, trainable_parameters
@@ -58,15 +58,21 @@ from ckl_toolkit.metalearn.episodes import (
     weight_stats,
 )
 from ckl_toolkit.metalearn.step import MetaStepResult, meta_step
+from ckl_toolkit.metalearn.subset import select_inner_params
+from ckl_toolkit.metalearn.ta_train import configure_ta_training, object_weight_share, outer_lr, window_pairs
 from ckl_toolkit.metalearn.zero import (
     consolidated_ta,
     load_partitioned_base,
     save_effective_config,
 )
+from ckl_toolkit.nightly.contract import ExitCode
 from ckl_toolkit.training.engine import Engine, build_engine
 from ckl_toolkit.training.learner import build_learner
 from ckl_toolkit.training.sections import BatchSpec, MixReviewSpec, OptimSpec, TargetSpec, WeightSpec
 from ckl_toolkit.training.weighers import TokenWeigher, TrainAttentionWeights
+from ckl_toolkit.update import StopFlag
+
+DIAG_BATCH = 16  # validation pairs per φ forward of the held-out diagnostic
 
 
 def check_recipe(recipe: MetaRecipe, world: int | None = None) -> dict | None:
@@ -111,7 +117,9 @@ def load_base(recipe: MetaRecipe, ctx: DistContext) -> tuple[torch.nn.Module, di
     if recipe.distributed.partition_base:  # frozen weights ZeRO-3-sharded over ranks, a LoRA set per rank
         return load_partitioned_base(recipe.base, ctx.ds_config, recipe.seed)
     base = load_causal_lm(recipe.base).requires_grad_(False)
-    params = trainable_parameters(base)  # all of θ, or its LoRA adapters
+    inner = recipe.meta.inner
+    # all of θ or its LoRA adapters, then the part the inner step moves (meta.inner.params)
+    params = select_inner_params(base, trainable_parameters(base), inner.params, inner.tied_embedding)
     for p in params.values():
         p.requires_grad_(True)
     return base, params
@@ -154,24 +162,71 @@ def save_run_checkpoint(
     ``ckl export --run`` reads.
     """
     full = consolidated_ta(engine, ta)  # None except on rank 0
-    state = {"step": step, "recipe_hash": recipe_hash(recipe), "torch": torch.__version__}
+    state = {"step": step, "recipe_hash": recipe_hash(recipe), "run_hash": run_hash(recipe)}
+    state["torch"] = torch.__version__
     save_step(
         run_dir / "checkpoints", step, engine, state, recipe.keep_checkpoints,
         write_main=lambda d: save_ta_model(full, d / "ta", tokenizer, recipe_hash(recipe)),
     )  # fmt: skip
 
 
-def resume(run_dir: Path, engine: Engine, recipe: MetaRecipe) -> int:
-    """Load the latest checkpoint into φ's engine and this rank's RNG; return the step to continue from."""
+# What decides φ: a checkpoint written under other values of these is not resumed. steps, logging,
+# validation, saving, threads and progress may change on resume (e.g. to extend a run).
+RUN_KEYS = ("seed", "base", "ta", "data", "meta", "optim", "distributed", "batch_size")
+
+
+def run_hash(recipe: MetaRecipe) -> str:
+    """Hash of the recipe sections that decide φ (as ``ckl update``'s run hash)."""
+    return recipe_hash({k: getattr(recipe, k) for k in RUN_KEYS})
+
+
+def resume(run_dir: Path, engine: Engine, recipe: MetaRecipe, ctx: DistContext) -> int:
+    """Load the latest checkpoint into φ's engine and this rank's RNG; return the step to continue from.
+
+    A checkpoint of another run hash (a changed seed, model, data, meta, optim... section) is not
+    resumed, as ``ckl update`` drops a stale run: continuing would mix two recipes in one φ. Here
+    nothing is deleted: its checkpoints and metrics move to ``run_dir/stale-<hash>/`` and the run
+    starts at step 0.
+    """
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         return 0
     if recipe.resume == "never":
         raise ConfigError(f"resume: {run_dir} already holds {ckpt.name}; use resume=auto or a new run_dir")
-    state = load_step(ckpt, engine)  # refuses another number of ranks or ZeRO stage
-    if state["recipe_hash"] != recipe_hash(recipe):
-        print0(f"warning: {ckpt} was written by a different recipe; resuming anyway", file=sys.stderr)
-    return int(state["step"])
+    old = load_state(ckpt / "state").get("run_hash")  # None: written before run hashes (resumed as before)
+    if old is not None and old != run_hash(recipe):
+        engine.barrier()
+        if ctx.is_main:
+            stale = run_dir / f"stale-{old}"
+            stale.mkdir(exist_ok=True)
+            for name in ("checkpoints", "metrics.jsonl"):
+                if (run_dir / name).exists():
+                    os.replace(run_dir / name, stale / name)
+            what = ", ".join(RUN_KEYS)
+            print0(
+                f"warning: {ckpt} was written by a different recipe ({what}); moved to {stale}",
+                file=sys.stderr,
+            )
+        engine.barrier()
+        return 0
+    return int(load_step(ckpt, engine)["step"])  # refuses another number of ranks or ZeRO stage
+
+
+def diagnostic_batches(tokenizer, val_rows: list[dict], recipe: MetaRecipe) -> list[EpisodeBatch]:
+    """The held-out pairs as φ sees documents, DIAG_BATCH at a time."""
+    d = recipe.data
+    return [
+        make_episode_batch(tokenizer, val_rows[i : i + DIAG_BATCH], d.max_length, d.task_max_length)
+        for i in range(0, len(val_rows), DIAG_BATCH)
+    ]
+
+
+def diagnose(
+    engine: Engine, ta: TrainAttentionModel, batches: list[EpisodeBatch], ctx: DistContext, base
+) -> dict:
+    """The held-out diagnostic on rank 0 (``object_weight_share``); collective (φ is consolidated)."""
+    full = consolidated_ta(engine, ta)
+    return object_weight_share(full, batches, base) if ctx.is_main else {}
 
 
 def step_record(
@@ -209,43 +264,67 @@ def meta_train(recipe: MetaRecipe) -> Path:
     # --- models: the base θ and φ, trained through an engine (ZeRO partitions φ there)
     tokenizer = AutoTokenizer.from_pretrained(recipe.base.path)
     base, params = load_base(recipe, ctx)
-    ta = build_ta_model(recipe.ta.init_from or recipe.base.path, recipe.ta.num_layers).train()
-    optimizer = build_optimizer(ta.parameters(), recipe.optim)
-    engine = build_engine(ta, dict(ta.named_parameters()), optimizer, recipe.optim.grad_clip, ctx)
+    ta = build_ta_model(
+        recipe.ta.init_from or recipe.base.path, recipe.ta.num_layers, surprise=recipe.ta.surprise
+    ).train()
+    trainable = configure_ta_training(ta, recipe.ta.train, recipe.ta.head_bias)  # ta.train, ta.head_bias
+    optimizer = build_optimizer(list(trainable.values()), recipe.optim)
+    engine = build_engine(ta, trainable, optimizer, recipe.optim.grad_clip, ctx)
 
-    pairs = load_pairs(recipe.data.train, "data.train")
-    val_rows = load_pairs(recipe.data.val, "data.val") if recipe.data.val else []
-    start = resume(run_dir, engine, recipe)
+    window = recipe.data.window  # evidence windows around each pair's object (0: whole documents)
+    pairs = window_pairs(tokenizer, load_pairs(recipe.data.train, "data.train"), window)
+    val_rows = (
+        window_pairs(tokenizer, load_pairs(recipe.data.val, "data.val"), window) if recipe.data.val else []
+    )
+    diag = diagnostic_batches(tokenizer, val_rows, recipe) if recipe.diag_every else []
+    start = resume(run_dir, engine, recipe, ctx)
     if start:
         print0(f"resuming from step {start}")
     metrics = MetricsLogger(run_dir / "metrics.jsonl" if ctx.is_main else None)
     metrics.resume_at(start)  # steps logged after the checkpoint are run (and logged) again
+    if diag and start == 0:  # the curve's start: φ before any step
+        metrics.log(step=0, **diagnose(engine, ta, diag, ctx, base))
+    o = recipe.optim
     mine = episode_slice(recipe.batch_size, ctx.rank, ctx.world)  # this rank's episodes of every meta-batch
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="meta-train",
                disable=not (recipe.progress and ctx.is_main))  # fmt: skip
     t0, tokens = time.perf_counter(), 0  # tokens: this rank's documents and tasks since the (re)start
-    for step in bar:
-        rows = [pairs[i] for i in episode_indices(len(pairs), recipe.batch_size, step, recipe.seed)]
-        batch = make_episode_batch(tokenizer, rows, recipe.data.max_length, recipe.data.task_max_length)
-        if recipe.distributed.partition_base:  # ranks gather shards together: no episode may skip a pass
-            require_task_objects(batch, rows, recipe.data.task_max_length)
-        batch = batch.rows(mine)
-        res = meta_step(engine, base, params, batch, recipe.meta)  # φ(D), dL/dw, φ's step
-        tokens += int(batch.doc_mask.sum()) + int(batch.task_mask.sum())
+    with StopFlag() as stop:  # SIGTERM / SIGINT: checkpoint after this step, exit 6 (as ckl update)
+        for step in bar:
+            rows = [pairs[i] for i in episode_indices(len(pairs), recipe.batch_size, step, recipe.seed)]
+            batch = make_episode_batch(tokenizer, rows, recipe.data.max_length, recipe.data.task_max_length)
+            if recipe.distributed.partition_base:  # ranks gather shards together: no episode may skip a pass
+                require_task_objects(batch, rows, recipe.data.task_max_length)
+            batch = batch.rows(mine)
+            done = step + 1
+            diag_now = bool(diag) and done % recipe.diag_every == 0
+            log = done % recipe.log_every == 0 or done == recipe.steps or diag_now
+            lr = outer_lr(step, o.lr, recipe.steps, o.schedule, o.warmup_steps, o.min_lr_ratio)
+            for group in engine.optimizer.param_groups:  # a pure function of the step: nothing to resume
+                group["lr"] = lr
+            res = meta_step(
+                engine, base, params, batch, recipe.meta, log, recipe.ta.surprise
+            )  # φ(D), dL/dw, φ's step
+            tokens += int(batch.doc_mask.sum()) + int(batch.task_mask.sum())
 
-        done = step + 1
-        if done % recipe.log_every == 0 or done == recipe.steps:
-            record = step_record(done, res, batch, ctx, time.perf_counter() - t0)
-            if val_rows and (done == recipe.steps or (recipe.val_every and done % recipe.val_every == 0)):
-                full = consolidated_ta(engine, ta)  # collective; rank 0 validates
-                if ctx.is_main:
-                    record.update(validate(full, recipe.base, val_rows, recipe))
-            metrics.log(**record)
-            speed = tokens / (time.perf_counter() - t0)  # tokens/s of this process, documents and tasks
-            bar.set_postfix(outer=f"{record['outer_loss']:.3f}", w_obj=f"{record['w_object']:.2f}",
-                            w_oth=f"{record['w_other']:.2f}", tok_s=f"{speed:.0f}")  # fmt: skip
-        if done == recipe.steps or (recipe.save_every and done % recipe.save_every == 0):
-            save_run_checkpoint(run_dir, done, engine, ta, tokenizer, recipe)
+            if log:
+                record = {**step_record(done, res, batch, ctx, time.perf_counter() - t0), "lr": lr}
+                validating = done == recipe.steps or (recipe.val_every and done % recipe.val_every == 0)
+                if val_rows and recipe.val.pairs and validating:
+                    full = consolidated_ta(engine, ta)  # collective; rank 0 validates
+                    if ctx.is_main:
+                        record.update(validate(full, recipe.base, val_rows, recipe))
+                if diag_now:
+                    record.update(diagnose(engine, ta, diag, ctx, base))
+                metrics.log(**record)
+                speed = tokens / (time.perf_counter() - t0)  # tokens/s of this process, documents and tasks
+                bar.set_postfix(outer=f"{record['outer_loss']:.3f}", w_obj=f"{record['w_object']:.2f}",
+                                w_oth=f"{record['w_other']:.2f}", tok_s=f"{speed:.0f}")  # fmt: skip
+            stopping = engine.all_mean(float(stop.requested)) > 0  # ranks see a signal at different steps
+            if stopping or done == recipe.steps or (recipe.save_every and done % recipe.save_every == 0):
+                save_run_checkpoint(run_dir, done, engine, ta, tokenizer, recipe)
+            if stopping and done < recipe.steps:
+                raise KeyboardInterrupt(f"stopped by a signal at step {done}; the next run resumes")
 
     full, final = consolidated_ta(engine, ta), run_dir / "ta"  # collective
     if ctx.is_main:
@@ -275,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
         final = meta_train(recipe)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt as e:  # a signal: checkpointed; the next run resumes
+        print0(f"meta-train stopped: {e}", file=sys.stderr)
+        raise SystemExit(int(ExitCode.INTERRUPTED)) from None
     finally:
         shutdown()
     print0(f"TA model written to {final}")

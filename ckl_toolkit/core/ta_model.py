@@ -26,12 +26,17 @@ HEAD_BIAS_INIT = 4.0  # sigma(4) ~ 0.98: training starts near uniform fine-tunin
 
 
 class TrainAttentionModel(nn.Module):
-    """Predicts one weight in (0, 1) per token from the trunk's causal hidden state."""
+    """Predicts one weight in (0, 1) per token from the trunk's causal hidden state.
 
-    def __init__(self, trunk: nn.Module, hidden_size: int):
+    With ``surprise``, the head also reads log(1 + ℓ_t), the target model's own loss on token x_t
+    (label-free: the model's NLL of the text it is about to learn), so tokens the model already
+    predicts can get low weight; the trunk alone cannot know what the target knows.
+    """
+
+    def __init__(self, trunk: nn.Module, hidden_size: int, surprise: bool = False):
         super().__init__()
-        self.trunk = trunk
-        self.head = nn.Linear(hidden_size, 1)
+        self.trunk, self.hidden_size, self.surprise = trunk, hidden_size, surprise
+        self.head = nn.Linear(hidden_size + int(surprise), 1)
         # Weight 0 and bias 4: every token starts at the same weight, sigma(4).
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, HEAD_BIAS_INIT)
@@ -41,17 +46,31 @@ class TrainAttentionModel(nn.Module):
         return self.trunk.config
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        target_nll: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Returns (B, T) weights; position t weights target token x_t (use ``w[:, 1:]``).
 
         ``position_ids`` (packed rows, restarting at 0 per document) keep each document to itself.
+        ``target_nll`` (B, T-1): the target model's per-token loss (``token_nll``), needed with
+        ``surprise``; its entry t-1 (the loss of x_t) joins position t's hidden state.
         """
         inputs = model_inputs(input_ids, attention_mask, position_ids)
         if position_ids is not None:  # transformers reads packed positions only without a KV cache
             inputs["use_cache"] = False
-        hidden = self.trunk(**inputs).last_hidden_state  # (B, T, H)
-        return torch.sigmoid(self.head(hidden.to(self.head.weight.dtype)).squeeze(-1))  # (B, T)
+        hidden = self.trunk(**inputs).last_hidden_state.to(self.head.weight.dtype)  # (B, T, H)
+        if self.surprise:
+            if target_nll is None:
+                raise ValueError(
+                    "this TA model reads the target's per-token loss (surprise): pass target_nll"
+                )
+            s = torch.log1p(target_nll.detach().to(hidden.dtype).clamp(min=0))  # (B, T-1)
+            s = torch.cat([s.new_zeros(s.shape[0], 1), s], dim=1)  # (B, T): position t <- loss of x_t
+            hidden = torch.cat([hidden, s.unsqueeze(-1)], dim=-1)  # (B, T, H+1)
+        return torch.sigmoid(self.head(hidden).squeeze(-1))  # (B, T)
 
 
 def _truncated_config(model_dir: str | os.PathLike, num_layers: int | None, attn_implementation: str | None):
@@ -75,14 +94,16 @@ def build_ta_model(
     num_layers: int | None = None,
     attn_implementation: str | None = "sdpa",
     dtype: torch.dtype = torch.float32,
+    surprise: bool = False,
 ) -> TrainAttentionModel:
     """Build φ from any HF causal-LM directory, keeping its first ``num_layers`` layers (all if None).
 
-    The LM head is dropped (AutoModel loads the bare trunk) and replaced by Linear(hidden, 1).
+    The LM head is dropped (AutoModel loads the bare trunk) and replaced by Linear(hidden, 1)
+    (Linear(hidden + 1, 1) with ``surprise``).
     """
     config = _truncated_config(model_dir, num_layers, attn_implementation)
     trunk = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)
-    return TrainAttentionModel(trunk, config.hidden_size).to(dtype)
+    return TrainAttentionModel(trunk, config.hidden_size, surprise).to(dtype)
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -102,7 +123,8 @@ def save_ta_model(
         sidecar = {
             "format": FORMAT,
             "trunk_config": model.trunk.config.to_dict(),
-            "hidden_size": model.head.in_features,
+            "hidden_size": model.hidden_size,
+            "surprise": model.surprise,
             "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
             "recipe_hash": recipe_hash,
         }
@@ -128,7 +150,7 @@ def load_ta_model(
     if attn_implementation:
         config._attn_implementation = attn_implementation
     trunk = AutoModel.from_config(config, dtype=dtype)
-    model = TrainAttentionModel(trunk, sidecar["hidden_size"]).to(dtype)
+    model = TrainAttentionModel(trunk, sidecar["hidden_size"], bool(sidecar.get("surprise", False))).to(dtype)
     load_model(model, str(ta_dir / "model.safetensors"), strict=True)
     return model
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ckl_toolkit.core.io import write_json_atomic, write_jsonl_atomic
@@ -116,6 +116,8 @@ class WorldConfig:
     nf_candidates: int = 600  # invariant facts offered as NOT-TO-FORGET candidates
     filler_sentences: int = 12  # neutral filler sentences per evidence document (~13 tokens each)
     known_restatements: int = 2  # restated known facts per evidence document (half about the subject)
+    same_relation: bool = False  # restatements: other people's known facts in the new fact's relation
+    distractors: int = 0  # new (changed-looking) facts about other people per evidence document
     pretrain_passes: int = 80  # paragraphs per entity, each freshly drawn (~1 epoch of pretraining)
     to_learn_mode: str = "changed"  # "changed": pretraining holds an old value; "new": it holds none
     n_cities: int = 60  # pool sizes of the made-up objects
@@ -128,7 +130,7 @@ class WorldConfig:
         for name in ("n_entities", "to_learn", "meta_pairs", "meta_val_pairs", "pretrain_passes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"world.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("filler_sentences", "known_restatements", "nf_candidates"):
+        for name in ("filler_sentences", "known_restatements", "nf_candidates", "distractors"):
             if getattr(self, name) < 0:
                 raise ValueError(f"world.{name}={getattr(self, name)}: must be >= 0")
         for name in ("n_cities", "n_companies", "n_languages", "n_jobs", "n_years"):
@@ -149,6 +151,15 @@ class WorldConfig:
     def default(cls, seed: int = 0) -> WorldConfig:
         """The demo world: 500 people, 200 TO-LEARN facts, ~200-token evidence documents."""
         return cls(seed=seed)
+
+    @classmethod
+    def hard(cls, seed: int = 0) -> WorldConfig:
+        """The quick world with evidence where position and form give the new fact away less: one
+        filler sentence, 8 restated known facts in the new fact's own relation (other people's), and
+        2 distractor new facts about other people. A TA that cannot tell new from known falls here."""
+        return replace(
+            cls.quick(seed), filler_sentences=1, known_restatements=8, same_relation=True, distractors=2
+        )
 
     @classmethod
     def quick(cls, seed: int = 0) -> WorldConfig:
@@ -263,12 +274,29 @@ class _Builder:
         key = rng.choice([k for k in keys if k not in self.changed])
         return self.sentence(rng, key, self.facts[key])
 
+    def same_relation_restatement(self, rng: random.Random, key: tuple[str, str]) -> str:
+        """Another person's known (unchanged) fact in relation ``key[1]``: the same form as the new fact."""
+        while True:
+            other = (rng.choice(self.names), key[1])
+            if other[0] != key[0] and other not in self.changed:
+                return self.sentence(rng, other, self.facts[other])
+
+    def distractor(self, rng: random.Random, key: tuple[str, str]) -> str:
+        """A new fact about another person (an object they were never pretrained with): new, not asked."""
+        other = (rng.choice([n for n in self.names if n != key[0]]), rng.choice(list(self.rel)))
+        pool = self.pools[self.rel[other[1]].pool]
+        return self.sentence(rng, other, rng.choice([o for o in pool if o != self.facts[other]]))
+
     def evidence(self, rng: random.Random, key: tuple[str, str], new: str) -> str:
-        """The new fact among filler sentences and restatements of known facts."""
+        """The new fact among filler sentences, restatements of known facts and distractors."""
         sents = [_filler(rng, self.names, self.pools["city"]) for _ in range(self.cfg.filler_sentences)]
         for i in range(self.cfg.known_restatements):
+            if self.cfg.same_relation:
+                sents.append(self.same_relation_restatement(rng, key))
+                continue
             other = key[0] if i % 2 == 0 else rng.choice(self.names)  # half about the subject itself
             sents.append(self.restatement(rng, other, key[1]))
+        sents += [self.distractor(rng, key) for _ in range(self.cfg.distractors)]
         rng.shuffle(sents)
         sents.insert(rng.randint(0, len(sents)), self.sentence(rng, key, new))
         return " ".join(sents)

@@ -6,14 +6,35 @@ from dataclasses import dataclass, field
 
 from ckl_toolkit.core.config import check_choices, fld, require
 from ckl_toolkit.core.models import ModelSpec
+from ckl_toolkit.core.ta_model import HEAD_BIAS_INIT
 from ckl_toolkit.distributed.ds_config import DsFields
 from ckl_toolkit.metalearn.metagrad import MetaGradConfig
+from ckl_toolkit.metalearn.ta_train import parse_ta_train
 
 
 @dataclass
 class TASpec:
     init_from: str | None = fld(None, "HF directory whose trunk becomes the TA model (null: the base's).")
     num_layers: int | None = fld(None, "Keep only the trunk's first k layers (null: all).")
+    train: str = fld(
+        "all",
+        "What of φ trains: head (the hidden->1 head only) | last_k:K (+ the trunk's last K layers) | "
+        "lora / lora:R (LoRA adapters on the trunk + head; saved merged) | all.",
+    )
+    head_bias: float = fld(
+        HEAD_BIAS_INIT,
+        "The head's initial bias (weight 0: every token starts at σ(bias)). 0 starts on the sigmoid's "
+        "steep part; with the normalised loss only relative weights matter, so it is still uniform.",
+    )
+
+    surprise: bool = fld(
+        False,
+        "φ also reads the target's own per-token loss log(1+ℓ) beside its hidden states, so tokens the "
+        "model already predicts can get low weight (label-free; one more base forward per step).",
+    )
+
+    def __post_init__(self):
+        parse_ta_train(self.train)  # ValueError "train: ..."
 
 
 @dataclass
@@ -22,9 +43,15 @@ class MetaDataSpec:
     val: str | None = fld(None, "JSONL of held-out pairs for validation (null: no validation).")
     max_length: int = fld(256, "Documents are truncated to this many tokens.")
     task_max_length: int = fld(64, "Tasks (probes) are truncated to this many tokens.")
+    window: int = fld(
+        0,
+        "Evidence windows: cut each document to this many tokens around its object's first "
+        "occurrence (0: the whole document, up to max_length).",
+    )
 
     def __post_init__(self):
         require(self.max_length >= 8, "max_length", "must be >= 8")
+        require(self.window >= 0, "window", "must be >= 0")
 
 
 @dataclass
@@ -38,10 +65,19 @@ class MetaOptimSpec:
     lr: float = fld(3e-4, "Learning rate of the TA model (outer step).")
     weight_decay: float = fld(0.0, "Weight decay of the TA model (decoupled for adamw).")
     grad_clip: float = fld(1.0, "Clip the TA gradient norm (0: off); under DeepSpeed, its gradient_clipping.")
+    schedule: str = fld(
+        "constant",
+        "Outer lr after the warm-up: constant, or cosine decay to min_lr_ratio·lr at the last step.",
+        choices=("constant", "cosine"),
+    )
+    warmup_steps: int = fld(0, "Linear warm-up of the outer lr over this many TA steps.")
+    min_lr_ratio: float = fld(0.1, "cosine: the final lr as a fraction of lr.")
 
     def __post_init__(self):
         check_choices(self)
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
 
 
 @dataclass
@@ -91,7 +127,7 @@ META_DS_FIELDS = DsFields(
 
 @dataclass
 class MetaValSpec:
-    pairs: int = fld(32, "Held-out pairs used per validation (the first N of data.val).")
+    pairs: int = fld(32, "Held-out pairs used per validation (the first N of data.val; 0: no protocol run).")
     epochs: int = fld(3, "Epochs of the Top-Acc protocol run on those facts.")
     lr: float = fld(3e-4, "Learning rate of that protocol run.")
     batch_size: int = fld(8, "Batch size of that protocol run.")
@@ -112,6 +148,11 @@ class MetaRecipe:
     batch_size: int = fld(8, "Documents per TA step (the meta-batch), summed over ranks.")
     log_every: int = fld(10, "Steps between metrics.jsonl records.")
     val_every: int = fld(100, "Steps between validations (0: only at the end).")
+    diag_every: int = fld(
+        0,
+        "Steps between held-out diagnostics on data.val (object-token share of φ's weight; one φ "
+        "forward, no protocol run); also logged at step 0. 0: off.",
+    )
     save_every: int = fld(100, "Steps between checkpoints (0: only at the end).")
     keep_checkpoints: int = fld(2, "Step checkpoints kept on disk.")
     resume: str = fld(
@@ -127,12 +168,19 @@ class MetaRecipe:
         check_choices(self)
         require(self.steps >= 1, "steps", "must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.diag_every >= 0, "diag_every", "must be >= 0")
+        require(not self.diag_every or bool(self.data.val), "data.val", "diag_every needs held-out pairs")
         if self.distributed.partition_base:  # the inner step runs on a per-rank LoRA set
             require(
                 self.base.lora is not None,
                 "base.lora",
                 "distributed.partition_base needs LoRA adapters "
                 "for the per-rank inner step (the partitioned weights are shared); set base.lora={r: 8}",
+            )
+            require(
+                self.meta.inner.params == "all",
+                "meta.inner.params",
+                "distributed.partition_base trains a per-rank LoRA set on every layer; keep it all",
             )
             require(
                 self.meta.method == "central",

@@ -17,6 +17,7 @@ lives on the trainable subset of θ (all base parameters, or LoRA adapters).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from ckl_toolkit.core.losses import (
     token_nll_from_logits,
     weighted_loss,
 )
+from ckl_toolkit.metalearn.subset import PrefixCache, parse_selector, prefix_layer
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -54,6 +56,23 @@ class InnerStepConfig:
     warmup_steps: int = fld(
         0, "Detached steps of the same optimizer on D before the differentiated one (paper: 1); they move θ."
     )
+    jacobian: str = fld(
+        "closed_form",
+        "AdamW's u'(g): closed_form (one fused elementwise expression) or jvp (forward-mode AD per "
+        "tensor, the slower check; same numbers).",
+        choices=("closed_form", "jvp"),
+    )
+    params: str | list = fld(
+        "all",
+        "What the inner step moves, within the trainable parameters: all | top_k_layers:K (last K "
+        "decoder layers + final norm) | a list of regex patterns over parameter names.",
+    )
+    tied_embedding: bool = fld(
+        False, "top_k_layers / patterns: also move the input embedding (with tied weights: the LM head)."
+    )
+    prefix_cache: bool = fld(
+        True, "When every moved parameter is at or above layer L0, run layers below L0 once per step."
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -70,6 +89,7 @@ class InnerStepConfig:
         )
         ok = isinstance(self.warmup_steps, int) and self.warmup_steps >= 0
         require(ok, "warmup_steps", f"must be an int >= 0, got {self.warmup_steps!r}")
+        parse_selector(self.params)  # ValueError "params: ..."
 
 
 @dataclass
@@ -107,12 +127,15 @@ class MetaGradOutput:
     dL_dw: torch.Tensor  # (B, T-1) d(outer loss)/dw; zero on padding
     outer_loss: float  # mean over the tasks of the object-token NLL under θ'
     inner_loss: float  # TWL on D at θ (before any step)
-    outer_loss_before: float  # the same task loss at θ, for logging
+    outer_loss_before: float  # the same task loss at θ, for logging (nan when not asked for)
 
 
 @dataclass
 class AdamState:
-    """Adam moments from the detached warm-up steps; ``step`` counts the steps already taken."""
+    """Adam moments from the detached warm-up steps; ``step`` counts the steps already taken.
+
+    At ``step`` 0 the moments are zero and ``m``, ``v2`` may be empty: no buffers for a fresh state.
+    """
 
     m: Tensors
     v2: Tensors
@@ -133,11 +156,23 @@ def _place(params: Sequence, point: Tensors, deltas: Sequence | None = None, alp
 
 
 def _named_params(base: nn.Module, params: Sequence[nn.Parameter] | dict[str, nn.Parameter]) -> dict:
-    """Names (as ``functional_call`` wants them) of the trainable subset of θ."""
+    """Names (as ``functional_call`` wants them) of the trainable subset of θ.
+
+    A list and a dict are validated alike: every tensor must be a parameter of ``base``, and a
+    dict's name must be the one ``base`` gives that very tensor (another model's parameters would
+    silently get zero gradients, and two same-shape tensors swapped behind their names a wrong
+    directional derivative).
+    """
+    by_id = {id(p): n for n, p in base.named_parameters()}
     if isinstance(params, dict):
+        foreign = [n for n, p in params.items() if id(p) not in by_id]
+        if foreign:
+            raise ValueError(f"params {foreign[:3]} are not parameters of the base model")
+        misnamed = [f"{n!r} is {by_id[id(p)]!r}" for n, p in params.items() if by_id[id(p)] != n]
+        if misnamed:
+            raise ValueError(f"params named differently from the base model's parameters: {misnamed[:3]}")
         named = dict(params)
     else:
-        by_id = {id(p): n for n, p in base.named_parameters()}
         missing = [i for i, p in enumerate(params) if id(p) not in by_id]
         if missing:
             raise ValueError(f"params {missing} are not parameters of the base model")
@@ -148,14 +183,29 @@ def _named_params(base: nn.Module, params: Sequence[nn.Parameter] | dict[str, nn
     return named
 
 
+def _nll(base: nn.Module, ids: torch.Tensor, mask: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+    """(B, T-1) per-token NLL; from cached bottom-layer states h (B, T, H) when given (prefix cache)."""
+    if h is None:
+        return token_nll(base, ids, mask)
+    return token_nll_from_logits(base(**PrefixCache.kwargs(mask, h)).logits, ids, mask)
+
+
 def inner_loss(base: nn.Module, doc: tuple, w: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """L_in = TWL(ℓ(θ; D), w), w a constant. ``doc`` = (ids (B, T), mask (B, T))."""
-    return weighted_loss(token_nll(base, *doc), w, target_mask(doc[1]), normalize)
+    """L_in = TWL(ℓ(θ; D), w), w a constant. ``doc`` = (ids (B, T), mask (B, T)[, cached states])."""
+    return weighted_loss(_nll(base, *_doc3(doc)), w, target_mask(doc[1]), normalize)
 
 
 def outer_loss(base: nn.Module, task: tuple) -> torch.Tensor:
-    """L_T = mean over tasks of the object-token NLL. ``task`` = (ids, mask (B, Tt), objects (B, Tt-1))."""
-    return masked_mean_nll(token_nll(base, *task[:2]), task[2])
+    """L_T = mean over tasks of the object-token NLL.
+
+    ``task`` = (ids, mask (B, Tt), objects (B, Tt-1)[, cached states (B, Tt, H)]).
+    """
+    h = task[3] if len(task) > 3 else None
+    return masked_mean_nll(_nll(base, task[0], task[1], h), task[2])
+
+
+def _doc3(doc: tuple) -> tuple:
+    return (doc[0], doc[1], doc[2] if len(doc) > 2 else None)
 
 
 def value_and_grad(loss: torch.Tensor, params: list) -> tuple[float, Tensors]:
@@ -178,8 +228,7 @@ def update_fn(cfg: InnerStepConfig, state: AdamState | None) -> Update:
     bc1, sqrt_bc2 = 1 - b1**t, math.sqrt(1 - b2**t)
 
     def adamw(i: int, g: torch.Tensor) -> torch.Tensor:
-        m1 = b1 * state.m[i] + (1 - b1) * g
-        v1 = b2 * state.v2[i] + (1 - b2) * g * g
+        m1, v1 = _moments(cfg, state, i, g)
         # The paper's eps inside the sqrt: from a fresh state denom ≈ sqrt(g² + sme/(1−β2)) = sqrt(g² + 1e-5),
         # so |g| ≪ 3e-3 is not blown up to lr·sign(g), and u'(g) is neither ~0 nor infinite at small g.
         denom = torch.sqrt(v1 + cfg.second_moment_eps) / sqrt_bc2 + cfg.eps
@@ -197,32 +246,70 @@ def apply_step(params: Sequence, point: Tensors, g: Sequence, update: Update, cf
             p.sub_(point[i], alpha=cfg.lr * cfg.weight_decay)
 
 
+def _moments(cfg: InnerStepConfig, state: AdamState, i: int, g: torch.Tensor) -> Tensors:
+    """(m₁, v₁) of tensor i after this step's gradient g; a fresh state (step 0) has zero moments."""
+    b1, b2 = cfg.betas
+    if state.step == 0:
+        return (1 - b1) * g, (1 - b2) * g * g
+    return b1 * state.m[i] + (1 - b1) * g, b2 * state.v2[i] + (1 - b2) * g * g
+
+
 def fresh_state(cfg: InnerStepConfig, like: Tensors) -> AdamState | None:
-    """Zero Adam moments (None for SGD)."""
+    """Zero Adam moments (None for SGD); no buffers: step 0 means zero moments."""
     if cfg.optimizer == "sgd":
         return None
-    return AdamState(tuple(torch.zeros_like(p) for p in like), tuple(torch.zeros_like(p) for p in like))
+    return AdamState((), (), 0)
 
 
 def advance_state(cfg: InnerStepConfig, state: AdamState | None, g: Sequence) -> AdamState | None:
     """The Adam moments after one more (detached) step with gradient g."""
     if state is None:
         return None
-    b1, b2 = cfg.betas
-    m = tuple(b1 * m + (1 - b1) * gi for m, gi in zip(state.m, g))
-    v2 = tuple(b2 * v + (1 - b2) * gi * gi for v, gi in zip(state.v2, g))
-    return AdamState(m, v2, state.step + 1)
+    moments = [_moments(cfg, state, i, gi) for i, gi in enumerate(g)]
+    return AdamState(tuple(m for m, _ in moments), tuple(v for _, v in moments), state.step + 1)
 
 
-def step_jacobian_diag(cfg: InnerStepConfig, update: Update, g: list) -> list:
+Derivative = Callable[[int, torch.Tensor], torch.Tensor]  # (tensor index i, g_i) -> u_i'(g_i)
+
+
+def derivative_fn(cfg: InnerStepConfig, state: AdamState) -> Derivative:
+    """AdamW's u'(g) in closed form, elementwise (ARCHITECTURE.md §2), for the state ``state``.
+
+    With m₁ = β₁m + (1−β₁)g, v₁ = β₂v₂ + (1−β₂)g², r = √(v₁ + ε_in), q = r/√(1−β₂ᵗ) + ε:
+        u  = lr·m₁ / ((1−β₁ᵗ)·q)
+        u' = lr/(1−β₁ᵗ) · [ (1−β₁)/q − m₁·(1−β₂)·g / (r·√(1−β₂ᵗ)·q²) ]
+    From a fresh state (t = 1, m₁ = (1−β₁)g, v₁ = (1−β₂)g²) and ε = 0, with c = ε_in/(1−β₂):
+    u = lr·g/√(g² + c) and u' = lr·c/(g² + c)^{3/2}. Costs a few elementwise passes, no autograd.
+    """
+    (b1, b2), t = cfg.betas, state.step + 1
+    bc1, sqrt_bc2 = 1 - b1**t, math.sqrt(1 - b2**t)
+    scale = cfg.lr / bc1
+
+    def du(i: int, g: torch.Tensor) -> torch.Tensor:
+        m1, v1 = _moments(cfg, state, i, g)
+        r = v1.add_(cfg.second_moment_eps).sqrt_()  # v1's buffer becomes r
+        q = r / sqrt_bc2 + cfg.eps
+        # (1−β₁)/q − m₁(1−β₂)g/(r·√bc2·q²), built in m₁'s and q's buffers
+        second = m1.mul_(g).mul_((1 - b2) / sqrt_bc2).div_(r).div_(q).div_(q)
+        return q.reciprocal_().mul_(1 - b1).sub_(second).mul_(scale)
+
+    return du
+
+
+def step_jacobian_diag(cfg: InnerStepConfig, update: Update, g: list, state: AdamState | None = None) -> list:
     """D = u'(g), the diagonal of ∂θ'/∂g (minus sign aside). Consumes g, reusing its slots.
 
-    SGD: u = lr·g, so D = lr (a number, no buffer). AdamW: forward-mode AD of the elementwise
-    update with a tangent of ones gives every ∂u_k/∂g_k at once, exactly.
+    SGD: u = lr·g, so D = lr (a number, no buffer). AdamW, ``jacobian: closed_form``: the fused
+    elementwise formula of :func:`derivative_fn`; ``jvp``: forward-mode AD of the elementwise update
+    with a tangent of ones, tensor by tensor (the same numbers, several times slower; kept as a check).
     """
+    closed = cfg.optimizer == "adamw" and cfg.jacobian == "closed_form"
+    du = derivative_fn(cfg, state) if closed else None
     for i, gi in enumerate(g):
         if cfg.optimizer == "sgd":
             g[i] = cfg.lr
+        elif closed:
+            g[i] = du(i, gi)
         else:
             g[i] = torch.func.jvp(lambda x, i=i: update(i, x), (gi,), (torch.ones_like(gi),))[1]
     return g
@@ -249,6 +336,7 @@ def directional_derivative(
     editing the parameters in place and copying θ back: two forwards, any kernel or sharding;
     truncation error O(fd_eps²), rounding O(u·ℓ/fd_eps) with u the unit roundoff (fp32, not bf16).
     """
+    ids, mask, h = _doc3(doc)
     with torch.no_grad():
         if cfg.method == "jvp":
             return _jvp_losses(base, named, doc, z)
@@ -259,20 +347,24 @@ def directional_derivative(
         eps = cfg.fd_eps / norm if norm > 0 else cfg.fd_eps
         try:
             _place(params, point, z, alpha=-eps)  # θ + εz
-            plus = token_nll(base, *doc)
+            plus = _nll(base, ids, mask, h)
             _place(params, point, z, alpha=eps)  # θ − εz
-            minus = token_nll(base, *doc)
+            minus = _nll(base, ids, mask, h)
         finally:
             _place(params, point)
         return (plus - minus) / (2 * eps)
 
 
 def _jvp_losses(base: nn.Module, named: dict, doc: tuple, z: list) -> torch.Tensor:
-    names, kwargs = list(named), {"input_ids": doc[0], "attention_mask": doc[1], "use_cache": False}
+    ids, mask, h = _doc3(doc)
+    names = list(named)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    if h is not None:
+        kwargs = PrefixCache.kwargs(mask, h)
 
     def losses(*theta: torch.Tensor) -> torch.Tensor:  # ℓ as a function of the trainable θ
         out = torch.func.functional_call(base, dict(zip(names, theta)), args=(), kwargs=kwargs)
-        return token_nll_from_logits(out.logits, *doc)
+        return token_nll_from_logits(out.logits, ids, mask)
 
     try:
         return torch.func.jvp(losses, tuple(p.detach() for p in named.values()), tuple(z))[1]
@@ -336,7 +428,7 @@ def _episode(base, named, origin: Tensors, doc, w, task, cfg: MetaGradConfig, n_
     loss_at_theta = loss if loss_at_theta is None else loss_at_theta
     update = update_fn(inner, state)
     apply_step(params, point, g, update, inner)  # 2. θ' = θ − u(g) − lr·wd·θ
-    diag = step_jacobian_diag(inner, update, g := list(g))  # D = u'(g), freeing g tensor by tensor
+    diag = step_jacobian_diag(inner, update, g := list(g), state)  # D = u'(g), freeing g tensor by tensor
     del g
     loss_after, v = value_and_grad(outer_loss(base, task), params)  # 3. v = ∇L_T(θ')
     z = inner_step_direction(diag, list(v))  # 4. z = D ⊙ v
@@ -359,6 +451,7 @@ def meta_gradient(
     task_mask: torch.Tensor,
     task_obj_mask: torch.Tensor,
     cfg: MetaGradConfig,
+    log_before: bool = True,
 ) -> MetaGradOutput:
     """The exact d(outer loss)/dw of one inner step of ``base`` on the documents.
 
@@ -373,6 +466,7 @@ def meta_gradient(
         task_ids, task_mask: (B, Tt) the tasks, task b paired with document b.
         task_obj_mask: (B, Tt-1) bool, the object tokens the outer loss scores.
         cfg: inner step, method and mode.
+        log_before: also compute the task loss at θ (one more no-grad forward; only for logging).
 
     Returns:
         MetaGradOutput with dL_dw (B, T-1) in w's dtype.
@@ -390,24 +484,36 @@ def meta_gradient(
     modes = {m: m.training for m in base.modules()}
     origin = tuple(p.detach().clone() for p in named.values())
     base.eval()
+    first = prefix_layer(base, named) if cfg.inner.prefix_cache else 0
+    cache = PrefixCache(base, first) if first > 0 else None
     try:
-        with torch.no_grad():
-            before = outer_loss(base, (task_ids, task_mask, task_obj_mask)).item()
         doc, task = (doc_ids, doc_mask), (task_ids, task_mask, task_obj_mask)
-        if cfg.mode == "batched":
-            dl_dw, outer, inner = _episode(base, named, origin, doc, w, task, cfg, n_docs)
-        else:  # the paper: each document its own step from the same θ
-            rows = [
-                _episode(base, named, origin, _rows(doc, b), w[b : b + 1], _rows(task, b), cfg, n_docs)
-                for b in range(n_docs)
-            ]
-            dl_dw = torch.cat([r[0] for r in rows])
-            outer, inner = (sum(r[i] for r in rows) / n_docs for i in (1, 2))
+        with contextlib.ExitStack() as stack:
+            if cache is not None:  # the frozen bottom runs once; every forward below starts at layer L0
+                doc, task = (*doc, cache.hidden(*doc)), (*task, cache.hidden(*task[:2]))
+                stack.enter_context(cache.skipping())
+            before = float("nan")
+            if log_before:
+                with torch.no_grad():
+                    before = outer_loss(base, task).item()
+            dl_dw, outer, inner = _episodes(base, named, origin, doc, w, task, cfg, n_docs)
     finally:
         _place(list(named.values()), origin)
         for m, training in modes.items():
             m.training = training
     return MetaGradOutput(dl_dw.to(w.dtype), outer, inner, before)
+
+
+def _episodes(base, named, origin: Tensors, doc, w, task, cfg: MetaGradConfig, n_docs: int):
+    """(dL/dw, outer loss, inner loss) of the batch: one joint step, or one per document (the paper)."""
+    if cfg.mode == "batched":
+        return _episode(base, named, origin, doc, w, task, cfg, n_docs)
+    rows = [
+        _episode(base, named, origin, _rows(doc, b), w[b : b + 1], _rows(task, b), cfg, n_docs)
+        for b in range(n_docs)
+    ]
+    outer, inner = (sum(r[i] for r in rows) / n_docs for i in (1, 2))
+    return torch.cat([r[0] for r in rows]), outer, inner
 
 
 def _rows(tensors: tuple, b: int) -> tuple:

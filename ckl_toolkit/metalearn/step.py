@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ckl_toolkit.core.losses import token_nll
 from ckl_toolkit.metalearn.episodes import EpisodeBatch
 from ckl_toolkit.metalearn.metagrad import MetaGradConfig, meta_gradient
 from ckl_toolkit.training.engine import Engine
@@ -25,7 +26,7 @@ class MetaStepResult:
     """What one meta-step reports; the losses are this rank's, for logging."""
 
     outer_loss: float  # mean object-token NLL of the tasks under θ'
-    outer_loss_before: float  # the same at θ
+    outer_loss_before: float  # the same at θ (nan unless asked for)
     inner_loss: float  # the token-weighted loss on the documents at θ
     grad_norm: float  # φ's gradient norm before clipping (over all ranks under DeepSpeed)
     w: torch.Tensor  # (B, T-1) the token weights φ gave, detached
@@ -37,6 +38,8 @@ def meta_step(
     params: dict[str, nn.Parameter],
     batch: EpisodeBatch,
     cfg: MetaGradConfig,
+    log: bool = True,
+    surprise: bool = False,
 ) -> MetaStepResult:
     """One step of φ on this rank's episodes; θ is left exactly as found.
 
@@ -46,13 +49,22 @@ def meta_step(
         params: the trainable subset of θ the inner step moves (all of θ, or LoRA adapters).
         batch: this rank's episodes, B of them.
         cfg: the inner step and how dL/dw is computed.
+        log: also compute the task loss at θ (``outer_loss_before``; nan otherwise), a forward
+            that only logging reads.
+        surprise: φ also reads θ's own per-token loss on D (``ta.surprise``): one more forward of
+            the base, without a graph (a constant input of φ: dL/dw is unchanged).
     """
+    target_nll = None
+    if surprise:  # what θ already predicts, before the inner step                 (B, T-1)
+        with torch.no_grad():
+            target_nll = token_nll(base, batch.doc_ids, batch.doc_mask)
     # 1. w = φ(D): position t weights target token x_t, so drop the first.       (B, T-1) in (0, 1)
-    w = engine.module(batch.doc_ids, batch.doc_mask)[:, 1:]
+    inputs = (batch.doc_ids, batch.doc_mask) + ((None, target_nll) if surprise else ())
+    w = engine.module(*inputs)[:, 1:]
     # 2. dL/dw from one inner step per episode (or one for the batch), this rank's episodes
     #    only: no inner step, direction or dL/dw is reduced across ranks.        (B, T-1)
     task = (batch.task_ids, batch.task_mask, batch.task_obj)
-    out = meta_gradient(base, params, batch.doc_ids, batch.doc_mask, w.detach(), *task, cfg)
+    out = meta_gradient(base, params, batch.doc_ids, batch.doc_mask, w.detach(), *task, cfg, log_before=log)
     # 3. The surrogate: its gradient with respect to φ is the exact meta-gradient.  scalar
     surrogate = (w * out.dL_dw).sum()
     # 4. Backward, clip, step. Under ZeRO φ's gradient is averaged over ranks, which is the mean

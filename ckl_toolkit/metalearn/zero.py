@@ -29,6 +29,7 @@ from ckl_toolkit.core.io import write_text_atomic
 from ckl_toolkit.core.models import DTYPES, ModelSpec
 from ckl_toolkit.core.ta_model import TrainAttentionModel
 from ckl_toolkit.distributed.process import DistContext, print0
+from ckl_toolkit.metalearn.ta_train import merge_lora_state, plain_name
 
 
 def base_ds_config(ds_config: dict, base_dtype: str) -> dict:
@@ -176,11 +177,12 @@ def consolidated_ta(engine, ta: TrainAttentionModel) -> TrainAttentionModel | No
     # The tensors are views into flat buffers (one per gathered layer under ZeRO-3, one per group
     # under ZeRO-1/2) or the live parameters: give each its own storage (safetensors needs that).
     state = {key: t.detach().clone() for key, t in state.items()}
+    state = merge_lora_state(state, ta)  # ta.train=lora: saved and exported merged, a plain TA model
     with torch.device("meta"):
-        copy = TrainAttentionModel(AutoModel.from_config(ta.trunk.config), ta.head.in_features)
+        copy = TrainAttentionModel(AutoModel.from_config(ta.trunk.config), ta.hidden_size, ta.surprise)
     copy.load_state_dict(state, assign=True, strict=True)
     for name, buf in ta.named_buffers():  # non-persistent buffers (rotary tables) are not in a state dict
-        owner, _, leaf = name.rpartition(".")
+        owner, _, leaf = plain_name(name).rpartition(".")
         copy.get_submodule(owner)._buffers[leaf] = buf.detach().clone()
     return copy.to(torch.float32).eval()
 

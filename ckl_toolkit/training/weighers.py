@@ -97,12 +97,14 @@ class TrainAttentionWeights:
 
     def __init__(self, ta: TrainAttentionModel):
         self.ta = ta.eval().requires_grad_(False)
+        self.reads_target_nll = ta.surprise  # φ also reads the target's own per-token loss
 
     @torch.no_grad()
-    def __call__(self, batch: TextBatch) -> torch.Tensor:
+    def __call__(self, batch: TextBatch, nll: torch.Tensor | None = None) -> torch.Tensor:
         device = next(self.ta.parameters()).device
         enc = batch.enc.to(device)
-        w = self.ta(enc.input_ids, enc.attention_mask, enc.position_ids)[:, 1:]  # (B, T-1)
+        nll = nll.to(device) if nll is not None else None
+        w = self.ta(enc.input_ids, enc.attention_mask, enc.position_ids, nll)[:, 1:]  # (B, T-1)
         return w.float() * target_mask(enc.attention_mask, enc.position_ids).float()
 
 
@@ -152,6 +154,8 @@ class TokenWeigher:
     normalize: bool = True
 
     def weights(self, batch: TextBatch, nll: torch.Tensor) -> torch.Tensor:
+        if getattr(self.source, "reads_target_nll", False):  # a TA model with the surprise feature
+            return self.source(batch, nll)
         return self.source(batch)  # (B, T-1)
 
     def loss(self, nll: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -224,4 +228,9 @@ def ta_source(ta_path: str, align: str, reduce: str, tokenizer, device) -> tuple
         return TrainAttentionWeights(ta), False
     if not (path / "tokenizer_config.json").is_file():
         raise ConfigError(f"weights.align=offsets: {path} has no tokenizer files to tokenise with")
+    if ta.surprise:
+        raise ConfigError(
+            f"weights.ta_path: {path} reads the target's per-token loss (surprise), which needs the "
+            "target's tokenizer (weights.align=identity)"
+        )
     return CrossTokenizerTAWeights(ta, load_ta_tokenizer(path), reduce), True

@@ -143,3 +143,35 @@ def test_presets_are_valid_and_quick_is_smaller():
     q, d = WorldConfig.quick(seed=4), WorldConfig.default(seed=4)
     assert q.seed == d.seed == 4 and q.n_entities < d.n_entities and q.to_learn < d.to_learn
     assert replace(d, seed=0) == WorldConfig()
+
+
+def test_hard_preset_evidence_restates_the_same_relation_and_adds_distractors():
+    """--hard: 1 filler, 8 known facts of other people in the new fact's relation, 2 new distractors."""
+    small_world = dict(n_entities=40, to_learn=10, meta_pairs=20, meta_val_pairs=6, nf_candidates=20)
+    cfg = replace(WorldConfig.hard(seed=2), pretrain_passes=1, **small_world)
+    assert (cfg.filler_sentences, cfg.known_restatements, cfg.same_relation, cfg.distractors) == (
+        1,
+        8,
+        True,
+        2,
+    )
+    w = build_world(cfg)
+    known = {(f["subject"], f["relation_code"]): f["object"] for f in w.facts}
+
+    def renders_known(s: str, code: str | None = None, not_subject: str | None = None) -> bool:
+        return any(
+            template_index(c, subj, obj, s)
+            for (subj, c), obj in known.items()
+            if (code is None or c == code) and subj != not_subject
+        )
+
+    for r in w.to_learn:
+        sentences = re.split(r"(?<=\.) ", r["evidence"])
+        assert len(sentences) == 1 + 1 + 8 + 2
+        same = [s for s in sentences if renders_known(s, r["relation_code"], r["subject"])]
+        assert len(same) >= 8  # other people's known facts, in the same relation (same templates)
+        new = [s for s in sentences if not renders_known(s)]
+        # the new fact itself, the filler and the two distractors render no pretrained fact
+        assert len(new) >= 4 and any(r["object"] in s for s in new)
+    quick = dict(filler_sentences=6, known_restatements=2, same_relation=False, distractors=0)
+    assert replace(WorldConfig.hard(), **quick) == WorldConfig.quick()  # the quick preset is unchanged

@@ -109,11 +109,17 @@ def _exact_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def exact_fp64_llama(seed: int = 0, vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 2):
-    """A random-init LlamaForCausalLM computing every op in fp64 (norm and softmax included)."""
+    """A random-init LlamaForCausalLM computing every op in fp64 (norm and softmax included); causal,
+    and padded positions (attention_mask 0) are never attended to."""
     from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     AttentionInterface.register("eager_fp64", _exact_eager_attention)
+    # Without a mask function of its own transformers passes no mask to a registered attention: the
+    # model would be bidirectional and read padding. eager's additive mask (0 / dtype min) keeps it
+    # causal and padding-aware, in fp64 since the mask takes the embeddings' dtype.
+    AttentionMaskInterface.register("eager_fp64", eager_mask)
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,

@@ -60,3 +60,40 @@ def test_meta_step_moves_phi_by_the_reference_meta_gradient():
     assert abs(res.outer_loss - ref_loss) < 1e-9 * abs(ref_loss)
     assert torch.equal(res.w, w0.detach()) and not res.w.requires_grad
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # θ left as found
+
+
+class SurprisePhi(EmbeddingPhi):
+    """A tiny φ that also reads the target's per-token loss, as ``ta.surprise`` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(-0.5, dtype=torch.float64))
+
+    def forward(self, ids, mask, position_ids=None, target_nll=None):
+        s = torch.cat([torch.zeros_like(target_nll[:, :1]), torch.log1p(target_nll)], dim=1)  # (B, T)
+        return torch.sigmoid(self.emb(ids).squeeze(-1) + self.a * s)
+
+
+def test_surprise_meta_step_feeds_theta_loss_and_stays_exact():
+    from ckl_toolkit.core.losses import token_nll
+
+    base, batch = exact_fp64_llama(vocab=VOCAB), episodes()
+    params = {n: p for n, p in base.named_parameters()}
+    cfg = MetaGradConfig(inner=InnerStepConfig(optimizer="sgd", lr=0.3), method="jvp", mode="batched")
+    phi = SurprisePhi()
+    engine = PlainEngine(phi, dict(phi.named_parameters()), torch.optim.SGD(phi.parameters(), lr=1.0), 0.0)
+    start = {n: p.detach().clone() for n, p in phi.named_parameters()}
+    meta_step(engine, base, params, batch, cfg, surprise=True)
+
+    phi0 = SurprisePhi()
+    doc, task = (batch.doc_ids, batch.doc_mask), (batch.task_ids, batch.task_mask, batch.task_obj)
+    with torch.no_grad():
+        nll = token_nll(base, *doc)  # θ's own loss on D: φ's extra input
+    w0 = phi0(*doc, None, nll)[:, 1:]
+    ref, _ = reference_meta_gradient(base, params, *doc, w0.detach().requires_grad_(True), *task, cfg=cfg)
+    expected = torch.autograd.grad((w0 * ref).sum(), [phi0.emb.weight, phi0.a])
+    assert expected[1].abs() > 0  # the surprise input carries meta-gradient
+    current = dict(phi.named_parameters())
+    for name, e in zip(("emb.weight", "a"), expected):
+        moved = start[name] - current[name].detach()
+        assert ((moved - e).abs().max() / e.abs().max()).item() < 1e-9, name

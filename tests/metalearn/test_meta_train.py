@@ -144,3 +144,112 @@ def test_cli_meta_train_dry_run_and_export(tiny_lm_dir, meta_data, tmp_path):
     out = runner.invoke(cli, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "exp")])
     assert out.exit_code == 0, out.output
     assert states_equal(load_ta_model(tmp_path / "exp"), load_ta_model(tmp_path / "run" / "ta"))
+
+
+def test_meta_train_with_inner_subset_and_closed_form_adamw(tiny_lm_dir, meta_data, tmp_path):
+    """The CPU recipe's options end to end: top-1 layer inner step (prefix cache), closed-form AdamW."""
+    extra = ["meta.inner.params=top_k_layers:1", "meta.inner.optimizer=adamw", "meta.inner.lr=1e-3"]
+    rec = recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra, "log_every=2", "data.val=null")
+    ta = load_ta_model(meta_train(rec))
+    assert ta.head.weight.abs().sum() > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["outer_loss_before"] == r["outer_loss_before"] for r in records)  # logged steps: not nan
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_head_only_phi_windows_schedule_and_diagnostic(tiny_lm_dir, meta_data, tmp_path):
+    from ckl_toolkit.core.ta_model import build_ta_model
+
+    extra = ["ta.train=head", "ta.head_bias=0", "data.window=20", "diag_every=2", "val.pairs=0",
+             "optim.schedule=cosine", "optim.warmup_steps=1", "log_every=4"]  # fmt: skip
+    ta = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra)))
+    fresh = build_ta_model(tiny_lm_dir)
+    assert states_equal(ta.trunk, fresh.trunk)  # head-only: the trunk never moved
+    assert ta.head.weight.abs().sum() > 0 and float(ta.head.bias) != 4.0
+    records = _records(tmp_path / "run")
+    assert [r["step"] for r in records] == [0, 2, 4]  # diagnostics force a record; step 0 is φ at its start
+    assert all(0 < r["diag_object_share"] < 1 and 0 < r["diag_uniform_share"] < 1 for r in records)
+    assert records[0]["diag_object_share"] == pytest.approx(records[0]["diag_uniform_share"])  # weight 0
+    assert records[1]["lr"] > records[2]["lr"] > 0  # cosine decays
+    assert "val_top_em" not in records[-1]  # val.pairs=0: no protocol run
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tiny_lm_dir, meta_data, tmp_path):
+    """A killed run may have logged steps after its last checkpoint; the resumed run logs them again."""
+    meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "b", "steps=2", "val_every=0", "data.val=null"))
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "outer_loss": 1.0}) + "\n")  # logged, then killed before saving
+    meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "b", "val_every=0", "data.val=null"))
+    steps = [r["step"] for r in _records(tmp_path / "b")]
+    assert steps == [1, 2, 3, 4]
+    assert _records(tmp_path / "b")[2]["outer_loss"] != 1.0
+
+
+def test_changed_recipe_starts_fresh_and_keeps_the_old_run(tiny_lm_dir, meta_data, tmp_path):
+    run = tmp_path / "c"
+    meta_train(recipe(tiny_lm_dir, meta_data, run, "steps=2", "data.val=null"))
+    # logging and length may change: it resumes
+    meta_train(recipe(tiny_lm_dir, meta_data, run, "steps=3", "log_every=3", "data.val=null"))
+    assert [r["step"] for r in _records(run)] == [1, 2, 3]
+    # a section that decides φ changed: not resumed; the old run is moved aside, not deleted
+    meta_train(recipe(tiny_lm_dir, meta_data, run, "steps=3", "optim.lr=2e-2", "data.val=null"))
+    stale = list(run.glob("stale-*"))
+    assert len(stale) == 1 and (stale[0] / "checkpoints" / "latest").exists()
+    assert [r["step"] for r in _records(stale[0])] == [1, 2, 3]
+    assert [r["step"] for r in _records(run)] == [1, 2, 3]  # the new run, from step 0
+
+
+def test_sigterm_checkpoints_exits_6_and_resumes_equal(tiny_lm_dir, meta_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ckl_toolkit.core.config import to_yaml
+
+    args = ("steps=40", "save_every=0", "data.val=null", "log_every=1")
+    straight = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "a", *args)))
+    (tmp_path / "r.yaml").write_text(to_yaml(recipe(tiny_lm_dir, meta_data, tmp_path / "b", *args)))
+    cmd = [sys.executable, "-m", "ckl_toolkit.cli", "meta-train", "--recipe", str(tmp_path / "r.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "b" / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 6, err[-2000:]
+    latest = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
+    stopped = int(latest.removeprefix("step_"))
+    assert 2 <= stopped < 40, "the run finished before the signal"  # save_every=0: only the signal saved
+    assert [r["step"] for r in _records(tmp_path / "b")] == list(range(1, stopped + 1))
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert [r["step"] for r in _records(tmp_path / "b")] == list(range(1, 41))
+    assert states_equal(straight, load_ta_model(tmp_path / "b" / "ta"))
+
+
+def test_lora_phi_meta_train_exports_a_plain_ta_model(tiny_lm_dir, meta_data, tmp_path):
+    extra = ("ta.train=lora:4", "data.val=null", "steps=2", "save_every=1")
+    ta = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra)))
+    from ckl_toolkit.core.ta_model import build_ta_model
+
+    fresh = build_ta_model(tiny_lm_dir)
+    moved = [k for k, v in ta.trunk.state_dict().items() if not torch.equal(v, fresh.trunk.state_dict()[k])]
+    assert moved and all("proj" in k for k in moved)  # merged adapters changed the linear layers only
+    # and the run resumes from its LoRA checkpoint
+    again = load_ta_model(
+        meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra[:-2], "steps=3"))
+    )
+    assert not states_equal(ta, again)
+
+
+def test_surprise_phi_meta_trains_and_diagnoses(tiny_lm_dir, meta_data, tmp_path):
+    extra = ("ta.surprise=true", "ta.train=head", "ta.head_bias=0", "diag_every=2", "val.pairs=0")
+    ta = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "run", *extra)))
+    assert ta.surprise and ta.head.weight[0, -1] != 0  # the surprise column learned something
+    records = _records(tmp_path / "run")
+    assert [r["step"] for r in records if "diag_object_share" in r] == [0, 2, 4]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,9 +24,12 @@ from ckl_toolkit.metalearn.metagrad import (
     MetaGradConfig,
     advance_state,
     apply_step,
+    fresh_state,
     meta_gradient,
+    step_jacobian_diag,
     update_fn,
 )
+from ckl_toolkit.metalearn.subset import decoder_layers, prefix_layer, select_inner_params
 from tests.metalearn.reference_metagrad import exact_fp64_llama, reference_meta_gradient
 
 B, T, TT, VOCAB = 2, 10, 8, 64
@@ -273,3 +277,149 @@ def test_rejects_bad_inputs(models, batch):
         meta_gradient(model, trainable(model), cfg=MetaGradConfig(), **{**batch, "w": batch["w"][:, 1:]})
     with pytest.raises(ValueError, match="not parameters of the base"):
         meta_gradient(model, [nn.Parameter(torch.zeros(1))], cfg=MetaGradConfig(), **batch)
+
+
+def test_dict_params_are_validated_like_a_list(models, batch):
+    """A dict of another model's parameters (same names, same shapes) used to give all zeros; two
+    same-shape tensors swapped behind their names a wrong directional derivative."""
+    model, cfg = models["full"], make_cfg("sgd", "jvp", "batched")
+    other = exact_fp64_llama(seed=5)
+    with pytest.raises(ValueError, match="not parameters of the base"):
+        meta_gradient(model, trainable(other), cfg=cfg, **batch)
+    with pytest.raises(ValueError, match="not parameters of the base"):
+        meta_gradient(model, list(trainable(other).values()), cfg=cfg, **batch)
+    named = trainable(model)
+    a, b = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    assert named[a].shape == named[b].shape
+    swapped = {**named, a: named[b], b: named[a]}
+    with pytest.raises(ValueError, match="named differently"):
+        meta_gradient(model, swapped, cfg=cfg, **batch)
+
+
+def test_reference_model_is_causal_and_ignores_padding(models, batch):
+    """The equality tests above are only meaningful on a causal, padding-aware model."""
+    for model in models.values():
+        ids, mask = batch["doc_ids"], batch["doc_mask"]
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            last = ids.clone()
+            last[:, -1] = (last[:, -1] + 1) % VOCAB
+            changed = model(input_ids=last, attention_mask=mask).logits
+            assert torch.equal(changed[:, :-1], logits[:, :-1])  # position 0..T-2 never see token T-1
+            assert not torch.equal(changed[0, -1], logits[0, -1])  # (row 0 is unpadded: it does)
+            left = torch.ones_like(mask)
+            left[1, :3] = 0  # left padding: causality alone would let positions 3.. read it
+            before = model(input_ids=ids, attention_mask=left).logits
+            padded = ids.clone()
+            padded[1, :3] = (padded[1, :3] + 3) % VOCAB  # only row 1's padding changes
+            after = model(input_ids=padded, attention_mask=left).logits
+            assert torch.equal(after[1, 3:], before[1, 3:]) and torch.equal(after[0], before[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The cheaper meta-step: closed-form AdamW derivative, logging forward on demand, inner subsets
+
+
+@pytest.mark.parametrize("warm", [0, 2])
+def test_closed_form_adamw_derivative_equals_jvp(warm):
+    """u'(g) in closed form is the jvp of the update along ones, from a fresh or a warmed state."""
+    gen = torch.Generator().manual_seed(7)
+    cfg = InnerStepConfig(optimizer="adamw", lr=3e-3, betas=(0.8, 0.95), eps=1e-6, second_moment_eps=1e-8)
+    shapes = [(5, 3), (7,)]
+    state = fresh_state(cfg, ())
+    for _ in range(warm):
+        state = advance_state(
+            cfg, state, [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        )
+    g = [torch.randn(s, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-6, 0, s) for s in shapes]
+    update = update_fn(cfg, state)
+    closed = step_jacobian_diag(cfg, update, [x.clone() for x in g], state)
+    jvp = step_jacobian_diag(replace(cfg, jacobian="jvp"), update, [x.clone() for x in g], state)
+    for a, b in zip(closed, jvp):  # both round the cancelling terms differently at large |g|
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-12 * b.abs().max().item())
+    # and the fresh-state form written out: u' = lr·c/(g²+c)^{3/2}, c = ε_in/(1−β2), with ε = 0
+    if warm == 0:
+        cfg0 = replace(cfg, eps=0.0)
+        du = step_jacobian_diag(cfg0, update_fn(cfg0, state), [x.clone() for x in g], state)[0]
+        c = cfg.second_moment_eps / (1 - cfg.betas[1])
+        assert torch.allclose(du, cfg.lr * c / (g[0] ** 2 + c) ** 1.5, rtol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["full", "lora"])
+@pytest.mark.parametrize("method", ["jvp", "central"])
+def test_jvp_jacobian_option_matches_reference(models, batch, method, which):
+    cfg = make_cfg("adamw", method, "batched")
+    cfg.inner.jacobian = "jvp"
+    out, ref, _ = run_both(models[which], batch, cfg)
+    assert rel_err(out.dL_dw, ref) < TOL[method]
+
+
+def test_log_before_false_skips_the_logging_forward(models, batch):
+    model, cfg = models["full"], make_cfg("adamw", "jvp", "batched")
+    logged = meta_gradient(model, trainable(model), cfg=cfg, **batch)
+    quiet = meta_gradient(model, trainable(model), cfg=cfg, log_before=False, **batch)
+    assert math.isnan(quiet.outer_loss_before) and not math.isnan(logged.outer_loss_before)
+    assert torch.equal(quiet.dL_dw, logged.dL_dw) and quiet.outer_loss == logged.outer_loss
+
+
+def _count_calls(module: nn.Module) -> list:
+    calls = []
+    module.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+SUBSETS = ["top_k_layers:1", ["layers\\.1\\.mlp", "^model\\.norm"], "top_k_layers:2"]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("spec", SUBSETS)
+@pytest.mark.parametrize("which", ["full", "lora"])
+@pytest.mark.parametrize(
+    "optimizer,method,mode",
+    [("adamw", "jvp", "batched"), ("adamw", "central", "independent"), ("sgd", "central", "batched")],
+)
+def test_inner_subset_matches_reference(batch, optimizer, method, mode, which, spec, cache):
+    """The inner step on a subset (with and without the prefix cache) is exact: the reference
+    differentiates through a step of that same subset."""
+    model = exact_fp64_llama() if which == "full" else _lora(exact_fp64_llama())  # fresh: hooks below
+    named = select_inner_params(model, trainable(model), spec)
+    assert 0 < len(named) < len(trainable(model)) or (which, spec) == ("lora", "top_k_layers:2")
+    assert not any("embed_tokens" in n for n in named)
+    cfg = make_cfg(optimizer, method, mode)
+    cfg.inner.prefix_cache = cache
+    layer0 = _count_calls(decoder_layers(model)[1][0])
+    out = meta_gradient(model, named, cfg=cfg, **batch)
+    bottom_runs = len(layer0)
+    w = batch["w"].clone().requires_grad_(True)
+    ref, ref_loss = reference_meta_gradient(model, named, cfg=cfg, **{**batch, "w": w})
+    assert ref.abs().max() > 1e-8
+    assert rel_err(out.dL_dw, ref) < TOL[method]
+    assert out.outer_loss == pytest.approx(ref_loss, rel=1e-10)
+    cached = cache and spec != "top_k_layers:2"  # the top 2 of 2 layers leave no prefix
+    assert prefix_layer(model, named) == (0 if spec == "top_k_layers:2" else 1)
+    # with the cache the bottom layer runs for the documents and the tasks (plus the one-time check)
+    assert (bottom_runs <= 3) == cached, bottom_runs
+
+
+def test_subset_with_tied_embedding_and_bad_selectors(models):
+    model = models["full"]
+    with_emb = select_inner_params(model, trainable(model), "top_k_layers:1", tied_embedding=True)
+    assert "model.embed_tokens.weight" in with_emb and prefix_layer(model, with_emb) == 0
+    assert select_inner_params(model, trainable(model), "all") == trainable(model)
+    with pytest.raises(ValueError, match="top_k_layers:3 but the base has 2 layers"):
+        select_inner_params(model, trainable(model), "top_k_layers:3")
+    with pytest.raises(ValueError, match="selects none"):
+        select_inner_params(model, trainable(model), ["nothing_here"])
+    for bad in ("top_k_layers:0", "top_k_layers:x", ["("]):
+        with pytest.raises(ValueError, match="^params"):
+            InnerStepConfig(params=bad)
+
+
+def test_prefix_cache_leaves_the_base_as_found(batch):
+    model = exact_fp64_llama()
+    layers = list(decoder_layers(model)[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    named = select_inner_params(model, trainable(model), "top_k_layers:1")
+    meta_gradient(model, named, cfg=make_cfg("adamw", "central", "batched"), **batch)
+    assert list(decoder_layers(model)[1]) == layers  # the skipped layers are back
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
