@@ -35,13 +35,11 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ckl_toolkit.core.documents import Document
-from ckl_toolkit.core.hashing import text_hash
 from ckl_toolkit.core.io import write_json_atomic
-from ckl_toolkit.nightly.ledger import LEDGER_FORMAT, LEDGER_FORMAT_V1, DocumentLedger, unseen_documents
+from ckl_toolkit.nightly.ledger import LEDGER_FORMAT, LEDGER_FORMAT_V1, DocumentLedger, MarkedIds
 from ckl_toolkit.nightly.watermarks import Watermark
 
 logger = logging.getLogger(__name__)
@@ -62,7 +60,7 @@ CREATE TABLE IF NOT EXISTS watermarks (
 """
 
 
-class IdStore:
+class IdStore(MarkedIds):
     """One state of the store: ``seen``/``changed``/``mark``/``unseen`` like ``DocumentLedger``, and
     ``commit`` to write the marked ids (and watermarks) as the next state.
 
@@ -177,20 +175,8 @@ class IdStore:
     def seen(self, doc: Document | str) -> bool:
         return self._lookup(doc if isinstance(doc, str) else doc.id)[0]
 
-    def changed(self, doc: Document) -> bool:
-        """True if the id was learned with another text (unknown for ids migrated from ckl-ledger/1)."""
-        known = self._lookup(doc.id)[1]
-        return known is not None and known != text_hash(doc.text)
-
-    def mark(self, docs: Iterable[Document | str]) -> None:
-        for d in docs:
-            if isinstance(d, str):
-                self._pending.setdefault(d, None)
-            else:
-                self._pending[d.id] = text_hash(d.text)
-
-    def unseen(self, docs, stats=None, on_changed=None) -> Iterator[Document]:
-        return unseen_documents(self, docs, stats, on_changed)
+    def _fingerprint(self, key: str) -> str | None:
+        return self._lookup(key)[1]
 
     def ids(self) -> list[str]:
         """Every id of this state and the marked ones, sorted (for inspection: linear in the history)."""

@@ -22,7 +22,41 @@ LEDGER_FORMAT = "ckl-ledger/2"
 LEDGER_FORMAT_V1 = "ckl-ledger/1"
 
 
-class DocumentLedger:
+class MarkedIds:
+    """What both ledgers (this JSON file, ``nightly.idstore``'s SQLite store) share: ids marked by a step
+    stay pending until ``commit``, each with a fingerprint of its text so a changed text is caught.
+
+    Subclasses hold ``_pending`` and answer ``_fingerprint(id)`` for committed or pending ids.
+    """
+
+    _pending: dict[str, str | None]
+
+    def _fingerprint(self, key: str) -> str | None:
+        raise NotImplementedError
+
+    def changed(self, doc: Document) -> bool:
+        """True if the id was learned with another text (unknown for ids migrated from ckl-ledger/1)."""
+        known = self._fingerprint(doc.id)
+        return known is not None and known != text_hash(doc.text)
+
+    def mark(self, docs: Iterable[Document | str]) -> None:
+        for d in docs:
+            if isinstance(d, str):
+                self._pending.setdefault(d, None)
+            else:
+                self._pending[d.id] = text_hash(d.text)
+
+    def unseen(
+        self,
+        docs: Iterable[Document],
+        stats: StreamStats | None = None,
+        on_changed: Callable[[Document, str], Document | None] | None = None,
+    ) -> Iterator[Document]:
+        """Documents not in the ledger, each id once per pass (see ``unseen_documents``)."""
+        return unseen_documents(self, docs, stats, on_changed)
+
+
+class DocumentLedger(MarkedIds):
     """Ids of the documents already learned (with a fingerprint of their text), so consecutive runs
     learn each exactly once.
 
@@ -67,18 +101,6 @@ class DocumentLedger:
         key = doc if isinstance(doc, str) else doc.id
         return key in self._committed or key in self._pending
 
-    def changed(self, doc: Document) -> bool:
-        """True if the id was learned with another text (unknown for ids of a ckl-ledger/1 file)."""
-        known = self._fingerprint(doc.id)
-        return known is not None and known != text_hash(doc.text)
-
-    def mark(self, docs: Iterable[Document | str]) -> None:
-        for d in docs:
-            if isinstance(d, str):
-                self._pending.setdefault(d, None)
-            else:
-                self._pending[d.id] = text_hash(d.text)
-
     def commit(self, path: str | os.PathLike | None = None) -> Path:
         """Atomically write committed + marked ids to ``path`` (default: the ledger's own)."""
         self._committed.update(self._pending)
@@ -87,15 +109,6 @@ class DocumentLedger:
         ids = dict(sorted(self._committed.items()))
         write_json_atomic(target, {"format": LEDGER_FORMAT, "count": len(ids), "ids": ids})
         return target
-
-    def unseen(
-        self,
-        docs: Iterable[Document],
-        stats: StreamStats | None = None,
-        on_changed: Callable[[Document, str], Document | None] | None = None,
-    ) -> Iterator[Document]:
-        """Documents not in the ledger, each id once per pass (see ``unseen_documents``)."""
-        return unseen_documents(self, docs, stats, on_changed)
 
     def watermarks(self) -> dict:
         """A JSON ledger keeps no shard watermarks: every shard is read whole."""
