@@ -39,6 +39,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--meta-steps", type=int, default=120, help="the quick demo's 120")
     parser.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "surprise_hard.json"))
+    parser.add_argument(
+        "--surprise-extra",
+        default="",
+        help="more meta overrides for the surprise variant, e.g. 'ta.surprise_prior=2.0 ta.head_bias=-3'",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny world, base and run (seconds)")
     args = parser.parse_args()
     out, t0, load = Path(args.out), time.perf_counter(), os.getloadavg()
@@ -64,7 +69,8 @@ def main() -> None:
     world_dir = write_world(build_world(world), out / "world")
     base_dir = pretrain(world_dir, out / "base", plan.pretrain, progress=False)
     rows, timings = {}, {}
-    for name, extra in {"taalm": [], "taalm_surprise": ["ta.surprise=true"]}.items():
+    variants = {"taalm": [], "taalm_surprise": ["ta.surprise=true", *args.surprise_extra.split()]}
+    for name, extra in variants.items():
         t = time.perf_counter()
         meta = load_recipe(
             MetaRecipe,
@@ -112,6 +118,7 @@ def main() -> None:
         "world": "WorldConfig.hard",
         "seed": args.seed,
         "meta_steps": args.meta_steps,
+        "surprise_extra": args.surprise_extra,
         "top_em": {k: v["top_em"] for k, v in rows.items()},
         "nf_em": {k: v["nf_em"] for k, v in rows.items()},
         "taalm_over_oracle": rows["taalm"]["top_em"] / oracle,

@@ -36,6 +36,7 @@ from ckl_toolkit.core.checkpoint import latest_checkpoint, load_state, load_step
 from ckl_toolkit.core.config import ConfigError, load_recipe, recipe_hash, require, to_yaml
 from ckl_toolkit.core.io import MetricsLogger, write_text_atomic
 from ckl_toolkit.core.models import LoraSpec, load_causal_lm, trainable_parameters
+from ckl_toolkit.core.signals import StopFlag
 from ckl_toolkit.core.ta_model import TrainAttentionModel, build_ta_model, save_ta_model
 from ckl_toolkit.distributed.ds_config import model_hidden_size, resolve_ds_config
 from ckl_toolkit.distributed.process import (
@@ -70,7 +71,6 @@ from ckl_toolkit.training.engine import Engine, build_engine
 from ckl_toolkit.training.learner import build_learner
 from ckl_toolkit.training.sections import BatchSpec, MixReviewSpec, OptimSpec, TargetSpec, WeightSpec
 from ckl_toolkit.training.weighers import TokenWeigher, TrainAttentionWeights
-from ckl_toolkit.update import StopFlag
 
 DIAG_BATCH = 16  # validation pairs per φ forward of the held-out diagnostic
 
@@ -267,7 +267,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
     ta = build_ta_model(
         recipe.ta.init_from or recipe.base.path, recipe.ta.num_layers, surprise=recipe.ta.surprise
     ).train()
-    trainable = configure_ta_training(ta, recipe.ta.train, recipe.ta.head_bias)  # ta.train, ta.head_bias
+    trainable = configure_ta_training(ta, recipe.ta.train, recipe.ta.head_bias, recipe.ta.surprise_prior)
     optimizer = build_optimizer(list(trainable.values()), recipe.optim)
     engine = build_engine(ta, trainable, optimizer, recipe.optim.grad_clip, ctx)
 

@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from ckl_toolkit.core.io import MetricsLogger, write_text_atomic
 from ckl_toolkit.core.losses import LOSS_CHUNK_TOKENS
 from ckl_toolkit.core.memory import return_freed_memory
 from ckl_toolkit.core.models import load_tokenizer, silence_known_noise
+from ckl_toolkit.core.signals import StopFlag
 from ckl_toolkit.distributed.ds_config import model_hidden_size
 from ckl_toolkit.distributed.process import (
     DistContext,
@@ -88,35 +88,6 @@ logger = logging.getLogger("ckl_toolkit.update")
 
 # Below this ‖Δθ‖/‖θ₀‖ a run's summary carries a warning that the model barely changed.
 MIN_RELATIVE_CHANGE = 1e-6
-
-
-class StopFlag:
-    """While entered, SIGTERM / SIGINT ask the loop to checkpoint and exit 6 after the current step.
-
-    A second SIGINT stops at once (the last checkpoint still resumes). The previous handlers come
-    back on exit, so an in-process caller keeps its own.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self._previous: dict = {}
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("signal %d: checkpointing at the end of this step, then exiting", signum)
-
-    def __enter__(self) -> StopFlag:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def check_recipe(recipe: UpdateRecipe, world: int | None = None) -> dict | None:

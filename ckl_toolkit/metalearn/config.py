@@ -32,9 +32,17 @@ class TASpec:
         "φ also reads the target's own per-token loss log(1+ℓ) beside its hidden states, so tokens the "
         "model already predicts can get low weight (label-free; one more base forward per step).",
     )
+    surprise_prior: float = fld(
+        0.0,
+        "With surprise: the head's initial weight on log(1+ℓ). 0 starts uniform; > 0 with a negative "
+        "head_bias (e.g. 2.0 and -3) starts φ from weighting tokens by the target's surprise, and "
+        "meta-training moves it from there.",
+    )
 
     def __post_init__(self):
         parse_ta_train(self.train)  # ValueError "train: ..."
+        if self.surprise_prior and not self.surprise:
+            raise ValueError("surprise_prior: needs surprise: true (the head reads no loss without it)")
 
 
 @dataclass

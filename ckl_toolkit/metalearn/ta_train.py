@@ -35,9 +35,11 @@ def parse_ta_train(spec: str) -> tuple[str, int]:
 
 
 def configure_ta_training(
-    ta: nn.Module, spec: str, head_bias: float | None = None
+    ta: nn.Module, spec: str, head_bias: float | None = None, surprise_prior: float = 0.0
 ) -> dict[str, nn.Parameter]:
     """Freeze what ``spec`` leaves out and set the head's bias; returns φ's trainable parameters.
+
+    ``surprise_prior``: the head's initial weight on its last input, log(1 + ℓ) of a surprise φ.
 
     head: only the hidden->1 head (the trunk runs without a graph). last_k:K: the trunk's last K
     layers, its final norm, and the head. lora / lora:R: LoRA adapters (rank R, alpha 2R) on every
@@ -53,6 +55,11 @@ def configure_ta_training(
     if head_bias is not None:
         with torch.no_grad():
             ta.head.bias.fill_(head_bias)
+    if surprise_prior:
+        if not getattr(ta, "surprise", False):
+            raise ValueError("surprise_prior: this TA model reads no loss (build it with surprise=True)")
+        with torch.no_grad():
+            ta.head.weight[0, -1] = surprise_prior
     if kind != "lora":
         ta.requires_grad_(kind == "all")
     ta.head.requires_grad_(True)

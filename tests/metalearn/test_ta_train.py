@@ -49,6 +49,27 @@ def test_head_only_phi_builds_no_graph_through_the_trunk(ta, tiny_lm_dir):
     assert all(p.grad is None for p in ta.trunk.parameters())
 
 
+def test_a_surprise_prior_starts_phi_weighting_tokens_by_the_targets_loss(tiny_lm_dir):
+    from ckl_toolkit.core.config import ConfigError, load_recipe
+    from ckl_toolkit.metalearn.config import MetaRecipe
+
+    ta = build_ta_model(tiny_lm_dir, surprise=True)
+    configure_ta_training(ta, "head", head_bias=-3.0, surprise_prior=2.0)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    b = make_episode_batch(tok, meta_pairs(1), 32, 16)
+    T = b.doc_ids.shape[1]
+    nll = torch.linspace(0.0, 8.0, T - 1).unsqueeze(0)  # (1, T-1): a rising loss along the document
+    with torch.no_grad():
+        w = ta(b.doc_ids, b.doc_mask, target_nll=nll)[0, 1:]  # (T-1,) weights of x_1..x_{T-1}
+    # The hidden-state part of the head starts at 0: the weight is σ(-3 + 2 log(1 + ℓ)) exactly.
+    torch.testing.assert_close(w, torch.sigmoid(-3.0 + 2.0 * torch.log1p(nll[0])))
+    assert w[-1] / w[0] > 15  # a surprising token outweighs a predicted one from the first step
+    with pytest.raises(ValueError, match="surprise_prior"):
+        configure_ta_training(build_ta_model(tiny_lm_dir), "head", surprise_prior=2.0)
+    with pytest.raises(ConfigError, match="surprise_prior"):
+        load_recipe(MetaRecipe, None, ["ta.surprise_prior=2.0", f"base.path={tiny_lm_dir}"])
+
+
 def test_outer_lr_schedule():
     assert outer_lr(0, 1.0, 10, "constant", 0, 0.1) == 1.0
     assert [outer_lr(s, 1.0, 10, "constant", 4, 0.1) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
