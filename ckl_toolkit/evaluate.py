@@ -180,8 +180,8 @@ def run_lama_benchmark(recipe: EvalRecipe) -> dict:
     start = time.perf_counter()
     methods = [parse_method(m) for m in recipe.methods]
     plan = [(m, lr) for m in methods for lr in recipe.lrs_of(m.name)]
-    setup = start_run(Path(recipe.run_dir), to_yaml(recipe), fingerprint(recipe),
-                      [run_key(m.name, lr) for m, lr in plan], recipe.threads, recipe.device)  # fmt: skip
+    prints = {run_key(m.name, lr): fingerprint(recipe, m.uses_ta) for m, lr in plan}
+    setup = start_run(Path(recipe.run_dir), to_yaml(recipe), prints, recipe.threads, recipe.device)
     run_dir, device, done = setup.run_dir, setup.device, setup.done
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.target.path)
@@ -208,7 +208,7 @@ def run_lama_benchmark(recipe: EvalRecipe) -> dict:
             }])  # fmt: skip
 
         summary = run_lama_method(recipe, m, lr, data, device, log)
-        summary["fingerprint"] = setup.fingerprint
+        summary["fingerprint"] = setup.fingerprints[key]
         write_json_atomic(run_dir / "runs" / f"{key}.json", summary)
         done[key] = summary
         print(f"[{i}/{len(plan)}] {key}: top EM {summary['top_em']:.3f}  NF EM {summary['nf_em']:.3f}  "
@@ -292,16 +292,15 @@ def _stage_logger(run_dir: Path, key: str):
 def temporalwiki_plan(
     recipe: EvalRecipe, methods: list[Method]
 ) -> list[tuple[Method, float, int | None, str]]:
-    """(method, lr, epochs, run key) of every run: each method at its lr, then the swept lrs x epochs.
+    """(method, lr, epochs, run key) of every run: each at its lr, the swept lrs x epochs, sweep.points.
 
     ``epochs`` is None for the protocol's own number (its key has no suffix).
     """
     plan = []
     for m in methods:
-        for lr in recipe.lrs_of(m.name):
-            for e in recipe.epochs_of(m.name):
-                epochs = None if e == recipe.protocol.epochs else e
-                plan.append((m, lr, epochs, run_key(m.name, lr, epochs)))
+        for lr, e in recipe.runs_of(m.name):
+            epochs = None if e == recipe.protocol.epochs else e
+            plan.append((m, lr, epochs, run_key(m.name, lr, epochs)))
     return plan
 
 
@@ -330,8 +329,8 @@ def run_temporalwiki(recipe: EvalRecipe) -> dict:
     start = time.perf_counter()
     methods = [parse_method(m) for m in recipe.methods]
     plan = temporalwiki_plan(recipe, methods)
-    setup = start_run(Path(recipe.run_dir), to_yaml(recipe), fingerprint(recipe), [k for *_, k in plan],
-                      recipe.threads, recipe.device)  # fmt: skip
+    prints = {key: fingerprint(recipe, m.uses_ta) for m, _, _, key in plan}
+    setup = start_run(Path(recipe.run_dir), to_yaml(recipe), prints, recipe.threads, recipe.device)
     run_dir, done = setup.run_dir, setup.done
     data = load_data(recipe, methods)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in data.probe_sets.items())
@@ -343,7 +342,7 @@ def run_temporalwiki(recipe: EvalRecipe) -> dict:
             print(f"[{i}/{len(plan)}] {key}: done earlier, kept")
             continue
         summary = run_periods(ctx, m, lr, epochs or recipe.protocol.epochs, _stage_logger(run_dir, key))
-        summary["fingerprint"] = setup.fingerprint
+        summary["fingerprint"] = setup.fingerprints[key]
         write_json_atomic(run_dir / "runs" / f"{key}.json", summary)
         done[key] = summary
         print(f"[{i}/{len(plan)}] {key}: done ({summary['seconds']:.0f} s)", flush=True)

@@ -77,6 +77,11 @@ class SweepSpec:
         [],
         "TemporalWiki: extra epochs per period, crossed with the lrs (the fact gain / retention trade-off).",
     )
+    points: list[str] = fld(
+        [],
+        "TemporalWiki: extra runs of the swept methods beside the lrs x epochs grid, each 'LRxEPOCHS' "
+        "(e.g. '5e-4x3'): chosen points of the trade-off without running the whole grid.",
+    )
     methods: list[str] = fld([], "Methods swept (empty: all of `methods`).")
     reference: str = fld("finetune", "The method whose NF exact match at optim.lr sets the target.")
     tolerance: float = fld(0.01, "A run meets the target when its NF EM >= target - tolerance.")
@@ -215,7 +220,7 @@ class EvalRecipe:
         for p in parsed:
             if p.optimizer != "recadam":
                 continue
-            lr = max(self.lrs_of(p.name))
+            lr = max(max(self.lrs_of(p.name)), max((lr for lr, _ in self.sweep_points()), default=0.0))
             require(
                 lr * self.optim.recadam.gamma < 2,
                 "optim.recadam.gamma",
@@ -227,6 +232,12 @@ class EvalRecipe:
             "the lr x epochs trade-off is TemporalWiki's; LAMA-ckl scores every epoch already",
         )
         require(all(e >= 1 for e in self.sweep.epochs), "sweep.epochs", "every value must be >= 1")
+        require(
+            not self.sweep.points or self.benchmark == "temporalwiki",
+            "sweep.points",
+            "(lr, epochs) points are TemporalWiki's trade-off; LAMA-ckl sweeps sweep.lrs",
+        )
+        self.sweep_points()  # parses them, naming the field on a bad one
         want = "temporalwiki" if self.benchmark == "temporalwiki" else ("synthetic", "lama_ckl")
         require(
             self.data.kind in want,
@@ -260,6 +271,30 @@ class EvalRecipe:
         if self.sweep.lrs and self.swept(method):
             lrs += [lr for lr in self.sweep.lrs if lr not in lrs]
         return lrs
+
+    def sweep_points(self) -> list[tuple[float, int]]:
+        """``sweep.points`` as (lr, epochs): '5e-4x3' -> (0.0005, 3)."""
+        out = []
+        for text in self.sweep.points:
+            lr, sep, epochs = str(text).lower().partition("x")
+            try:
+                point = (float(lr), int(epochs))
+            except ValueError:
+                point = None
+            require(
+                bool(sep) and point is not None and point[0] > 0 and point[1] >= 1,
+                "sweep.points",
+                f"{text!r} is not 'LRxEPOCHS' with lr > 0 and epochs >= 1 (e.g. '5e-4x3')",
+            )
+            out.append(point)
+        return out
+
+    def runs_of(self, method: str) -> list[tuple[float, int]]:
+        """Every (lr, epochs per period) the method runs at: the lrs x epochs grid, then sweep.points."""
+        runs = [(lr, e) for lr in self.lrs_of(method) for e in self.epochs_of(method)]
+        if self.swept(method):
+            runs += [p for p in self.sweep_points() if p not in runs]
+        return runs
 
     def epochs_of(self, method: str) -> list[int]:
         """Every number of epochs (per period) the method runs with: the protocol's, then the sweep's."""

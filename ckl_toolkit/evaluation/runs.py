@@ -40,10 +40,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def fingerprint(recipe: EvalRecipe) -> str:
-    """What a finished run's numbers depend on besides its method and lr (not the method list)."""
+def fingerprint(recipe: EvalRecipe, uses_ta: bool = True) -> str:
+    """What a finished run's numbers depend on besides its method and lr (not the method list).
+
+    A method without Train-Attention does not depend on ``weights.ta_path``: comparing two TA seeds
+    in two run dirs can copy the baselines' ``runs/<key>.json`` across instead of re-running them.
+    """
     ignore = ("methods", "sweep", "lr_overrides", "progress", "threads", "title", "run_dir")
-    return recipe_hash({k: v for k, v in to_dict(recipe).items() if k not in ignore})
+    fields = {k: v for k, v in to_dict(recipe).items() if k not in ignore}
+    if not uses_ta:
+        fields["weights"] = {k: v for k, v in fields["weights"].items() if k != "ta_path"}
+    return recipe_hash(fields)
 
 
 def run_key(method: str, lr: float, epochs: int | None = None) -> str:
@@ -62,24 +69,24 @@ def read_json(path: Path) -> dict:
 class RunSetup:
     run_dir: Path
     device: torch.device
-    fingerprint: str
-    done: dict[str, dict]  # run key -> summary of every run already finished with this fingerprint
+    fingerprints: dict[str, str]  # run key -> what its numbers depend on (see ``fingerprint``)
+    done: dict[str, dict]  # run key -> summary of every run already finished with its fingerprint
 
 
-def start_run(run_dir: Path, recipe_yaml: str, fingerprint: str, keys: list[str], threads: int, device: str):
-    """Run dir + resolved recipe, threads, device, and the runs already finished with this fingerprint."""
+def start_run(run_dir: Path, recipe_yaml: str, fingerprints: dict[str, str], threads: int, device: str):
+    """Run dir + resolved recipe, threads, device, and the runs already finished with their fingerprint."""
     (run_dir / "runs").mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "recipe.yaml", recipe_yaml)
     if threads:
         torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per method and lr is noise here
     done = {}
-    for key in keys:
+    for key, fp in fingerprints.items():
         saved = read_json(run_dir / "runs" / f"{key}.json")
-        if saved.get("fingerprint") == fingerprint:
+        if saved.get("fingerprint") == fp:
             done[key] = saved
     clean_metrics(run_dir, set(done))
-    return RunSetup(run_dir, resolve_device(device), fingerprint, done)
+    return RunSetup(run_dir, resolve_device(device), fingerprints, done)
 
 
 def clean_metrics(run_dir: Path, done: set[str]) -> None:

@@ -19,7 +19,7 @@ from ckl_toolkit.evaluate import equal_nf_view, select_not_to_forget, synthetic_
 from ckl_toolkit.evaluation.config import EvalRecipe
 from ckl_toolkit.evaluation.lama_ckl import evidence_documents, run_lama_ckl, train_epoch
 from ckl_toolkit.evaluation.methods import PAPER_METHODS, Method, parse_method
-from ckl_toolkit.evaluation.runs import method_learner, run_key
+from ckl_toolkit.evaluation.runs import fingerprint, method_learner, run_key
 from ckl_toolkit.training.mix_review import MixReviewConfig, mix_review_count
 from ckl_toolkit.training.sections import (
     BatchSpec,
@@ -293,6 +293,22 @@ def test_ckl_eval_writes_results_and_resumes_without_repeating_runs(tmp_path, ti
     assert again["methods"]["finetune"] == results["methods"]["finetune"]
     records = [(r["run"], r["epoch"]) for r in read_jsonl(run / "metrics.jsonl")]
     assert len(records) == len(set(records)) == 7 * 2
+
+
+def test_a_baselines_fingerprint_ignores_the_ta_but_a_taalm_runs_does_not(tmp_path, tiny_lm_dir):
+    """Two TA seeds in two run dirs share finetune/oracle results; a TA run never crosses TA paths."""
+    path = _write_recipe(tmp_path, _recipe(tmp_path, tiny_lm_dir))
+
+    def prints(*overrides):
+        r = load_recipe(EvalRecipe, path, list(overrides))
+        return fingerprint(r, uses_ta=False), fingerprint(r, uses_ta=True)
+
+    base, ta = prints("weights.ta_path=runs/a/ta")
+    other_base, other_ta = prints("weights.ta_path=runs/b/ta")
+    assert base == other_base and ta != other_ta
+    moved_base, moved_ta = prints("weights.ta_path=runs/a/ta", "weights.keep_ratio=0.5")
+    assert moved_base != base and moved_ta != ta  # every other weights field still counts for both
+    assert prints("weights.ta_path=runs/a/ta", "seed=1")[0] != base
 
 
 def test_equal_nf_view_picks_the_best_top_em_among_lrs_that_keep_nf(tmp_path, tiny_lm_dir):

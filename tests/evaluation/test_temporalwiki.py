@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -313,3 +314,21 @@ def test_the_tradeoff_keeps_every_scored_run_and_each_methods_front():
     assert [p["run"] for p in view["finetune"]["points"]] == ["f1", "f2", "f3"]
     assert [p["run"] for p in view["finetune"]["front"]] == ["f2", "f1"]  # f3 is beaten by f2 on both
     assert view["finetune"]["points"][2]["epochs"] == 3 and "oracle" not in view  # NaN gain: no point
+
+
+def test_sweep_points_add_chosen_lr_x_epochs_runs_beside_the_grid(tmp_path, tiny_lm_dir):
+    from ckl_toolkit.evaluate import temporalwiki_plan
+    from ckl_toolkit.evaluation.methods import parse_method
+
+    recipe = _recipe(
+        tmp_path,
+        tiny_lm_dir,
+        methods=["finetune", "oracle"],
+        sweep={"lrs": [2e-3], "points": ["5e-4x3", "2e-3x1", "1e-3X2"], "methods": ["oracle"]},
+    )
+    keys = [k for *_, k in temporalwiki_plan(recipe, [parse_method(m) for m in recipe.methods])]
+    # finetune is not swept; the oracle's grid (2 lrs x 1 epoch) then the points not already in it
+    assert keys == ["finetune@0.001", "oracle@0.001", "oracle@0.002", "oracle@0.0005,3ep", "oracle@0.001,2ep"]
+    for bad in ("5e-4", "5e-4x0", "fastx3", "-1e-3x2"):
+        with pytest.raises(ConfigError, match=rf"sweep\.points: '{re.escape(bad)}' is not 'LRxEPOCHS'"):
+            _recipe(tmp_path / bad, tiny_lm_dir, sweep={"points": [bad]})
