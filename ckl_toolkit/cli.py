@@ -599,6 +599,13 @@ def rollback_cmd(output_dir: Path, to: str | None, force: bool) -> None:
     click.echo(f"{note}: current {before.name if before else 'none'} -> {now.name}")
 
 
+# Options ``ckl score`` and ``ckl fact-gain`` share.
+_BATCH_SIZE = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+_JSON_OUT = click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here."
+)
+
+
 @main.command("score")
 @click.option(
     "--model",
@@ -625,10 +632,8 @@ def rollback_cmd(output_dir: Path, to: str | None, force: bool) -> None:
     show_default=True,
     help="First N rows per file (0: all).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here."
-)
+@_BATCH_SIZE
+@_JSON_OUT
 def score_cmd(
     models: tuple[str, ...],
     probes: tuple[Path, ...],
@@ -661,6 +666,95 @@ def score_cmd(
     if out is not None:
         write_json_atomic(out, result, sort_keys=False)
     click.echo(score_table(result))
+    click.echo(json.dumps(result, indent=2) if out is None else f"wrote {out}")
+
+
+@main.command("fact-gain")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="The model before the night (first), then each model after it: an HF model dir, a published "
+    "version, or an update output_dir (its current).",
+)
+@click.option(
+    "--facts",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The triples the night's stream taught ({subject, relation, object}, JSONL or CSV).",
+)
+@click.option(
+    "--controls",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Triples NOT in the stream (e.g. the period's unchanged facts); per relation of the facts, the "
+    "first --control-per-relation become its control.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=0, show_default=True, help="First N facts (0: all)."
+)
+@click.option("--control-per-relation", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--retention",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Facts the base should keep ({object, <probe-field>} rows, e.g. LAMA-ckl's invariant facts); only "
+    "those the first model answers exactly count.",
+)
+@click.option("--probe-field", default="task_descriptive", show_default=True)
+@click.option("--stream-template", default="The {relation} of {subject} is {object}.", show_default=True)
+@click.option(
+    "--reworded-template",
+    default="{subject} {relation} {object}",
+    show_default=True,
+    help="A wording the stream does not contain: the headline fact gain.",
+)
+@_BATCH_SIZE
+@_JSON_OUT
+def fact_gain_cmd(
+    models: tuple[str, ...],
+    facts: Path,
+    controls: Path,
+    limit: int,
+    control_per_relation: int,
+    retention: Path | None,
+    probe_field: str,
+    stream_template: str,
+    reworded_template: str,
+    batch_size: int,
+    out: Path | None,
+) -> None:
+    """Did a night learn its facts, or only their format? Fact gain against a control, and retention.
+
+    Each fact's object-NLL drop minus the mean drop of untrained facts of the same relation (nats and
+    exact match), on the stream's wording and on one it does not contain, and the share of the facts
+    the first model answered exactly that each later model still answers exactly.
+    """
+    import json
+
+    from ckl_toolkit.core.io import write_json_atomic
+    from ckl_toolkit.evaluation.score import fact_gain_result, fact_gain_table, load_night
+    from ckl_toolkit.evaluation.temporalwiki import load_retention
+    from ckl_toolkit.nightly.export import load_model
+
+    if len(models) < 2:
+        raise click.UsageError("--model: give the model before the night, then at least one after it")
+    with _user_errors(ConfigError, exit_code=EXIT_BAD_INPUT):
+        night = load_night(
+            str(facts), str(controls), limit, control_per_relation, stream_template, reworded_template
+        )
+        kept = load_retention(str(retention), probe_field, "--retention") if retention else None
+
+        def loaded():
+            for path in models:
+                model, tokenizer, _ = load_model(path)
+                yield path, model, tokenizer
+
+        result = fact_gain_result(night, loaded(), kept, probe_field, batch_size)
+    if out is not None:
+        write_json_atomic(out, result, sort_keys=False)
+    click.echo(fact_gain_table(result))
     click.echo(json.dumps(result, indent=2) if out is None else f"wrote {out}")
 
 

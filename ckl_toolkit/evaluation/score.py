@@ -6,6 +6,10 @@ its object, else "subject relation object", so the object ends the probe) and sc
 ``score_probe_set``: mean object-token NLL in nats (lower: the model puts more probability on the
 object), object-token accuracy, exact match, whole-probe perplexity. Several models are scored on the
 same probes, so a published version can be compared with its base.
+
+``ckl fact-gain`` asks the question a raw NLL drop cannot answer: did the night learn its facts, or
+only how they read? It scores the night's facts against controls of the same relations and the facts
+the base answered exactly (``evaluation.fact_gain``), for a published version against its base.
 """
 
 from __future__ import annotations
@@ -16,7 +20,23 @@ from pathlib import Path
 import torch
 
 from ckl_toolkit.core.config import ConfigError
-from ckl_toolkit.evaluation.temporalwiki import load_templates, read_triples, render_probe, score_probe_set
+from ckl_toolkit.evaluation.fact_gain import (
+    Night,
+    control_set,
+    night_gains,
+    probe_template,
+    retention,
+    score_known,
+    score_night,
+)
+from ckl_toolkit.evaluation.temporalwiki import (
+    REWORDED_TEMPLATE,
+    STREAM_TEMPLATE,
+    load_templates,
+    read_triples,
+    render_probe,
+    score_probe_set,
+)
 
 
 def load_probe_file(path: str | Path, templates: dict[str, str], limit: int = 0) -> list[dict]:
@@ -86,3 +106,96 @@ def score_table(result: dict) -> str:
         first = first or entry["scores"]
         rows.append(f"| {path} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n(NLL in nats, lower is better; in brackets the change from the first model)\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# ``ckl fact-gain``: did a published night learn its facts? (evaluation.fact_gain)
+
+
+def load_night(
+    facts_path: str,
+    controls_path: str,
+    limit: int = 0,
+    per_relation: int = 3,
+    stream_template: str = STREAM_TEMPLATE,
+    reworded_template: str = REWORDED_TEMPLATE,
+) -> Night:
+    """The night's facts (the first ``limit`` triples of the stream's source; 0: all) and their controls.
+
+    Controls: up to ``per_relation`` triples of ``controls_path`` per relation of the facts, none of
+    them a night fact (``fact_gain.control_set``), e.g. the period's unchanged facts.
+    """
+    for flag, path in (("--facts", facts_path), ("--controls", controls_path)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag}: {path} not found")
+    facts = read_triples(facts_path)
+    facts = facts[:limit] if limit else facts
+    controls = control_set(facts, read_triples(controls_path), per_relation)
+    try:
+        phrasings = {
+            "verbatim": probe_template(stream_template),
+            "reworded": probe_template(reworded_template),
+        }
+    except ValueError as e:
+        raise ConfigError(f"--stream-template / --reworded-template: {e}") from None
+    return Night(Path(facts_path).name, facts, controls, phrasings)
+
+
+def fact_gain_result(
+    night: Night,
+    models: list[tuple[str, torch.nn.Module, object]],
+    retention_rows: list[dict] | None = None,
+    probe_field: str = "task_descriptive",
+    batch_size: int = 64,
+) -> dict:
+    """Fact gain (per phrasing) and retention of every model after the first, against the first.
+
+    Args:
+        night: the facts the later models were trained on, their controls and phrasings.
+        models: (name, model, tokenizer); the first is the model before the night.
+        retention_rows: facts with a ``probe_field`` probe and an object; only those the first model
+            answers exactly count (``fact_gain.retention``). None: no retention.
+
+    Models are scored one at a time, so the caller may load them lazily (an iterator works).
+    """
+    result = {
+        "night": night.name,
+        "facts": len(night.facts),
+        "controls": len(night.controls),
+        "phrasings": night.phrasings,
+        "retention_facts": len(retention_rows) if retention_rows is not None else None,
+        "models": {},
+    }
+    before = known = None
+    for name, model, tokenizer in models:
+        scores = score_night(model, tokenizer, night, batch_size)
+        exact = (
+            score_known(model, tokenizer, retention_rows, probe_field, batch_size) if retention_rows else None
+        )
+        if before is None:
+            before, known = scores, exact
+            result["before"] = name
+            continue
+        entry = {"fact_gain": night_gains(night, before, scores)}
+        if exact is not None:
+            entry["retention"] = retention(known, exact).to_dict()
+        result["models"][name] = entry
+    return result
+
+
+def fact_gain_table(result: dict) -> str:
+    """A markdown row per model after the night: fact gain reworded / verbatim, raw / control, retention."""
+    rows = [
+        "| model | fact gain, reworded (nats) | EM | raw / control drop (nats) | fact gain, verbatim "
+        "| retention |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in result["models"].items():
+        r, v = e["fact_gain"]["reworded"], e["fact_gain"]["verbatim"]
+        kept = e.get("retention")
+        keep = f"{100 * kept['share']:.1f}% ({kept['kept']}/{kept['known']})" if kept else "-"
+        rows.append(
+            f"| {name} | {r['nats']:+.2f} | {100 * r['em']:+.1f} | {r['raw_nats']:+.2f} / "
+            f"{r['control_nats']:+.2f} | {v['nats']:+.2f} | {keep} |"
+        )
+    return "\n".join(rows)

@@ -272,10 +272,10 @@ def load_nights(recipe: EvalRecipe) -> list[Night]:
     return nights
 
 
-def load_retention(path: str, probe_field: str) -> list[dict]:
+def load_retention(path: str, probe_field: str, field: str = "temporalwiki.retention") -> list[dict]:
     """Facts with a probe and an object (e.g. the LAMA-ckl invariant facts); retention scores them exactly."""
     if not Path(path).exists():
-        raise ConfigError(f"temporalwiki.retention: {path} not found (empty: no retention set)")
+        raise ConfigError(f"{field}: {path} not found (empty: no retention set)")
     rows = read_jsonl(path, required=("object", probe_field))
     return [r for r in rows if r["object"] in r[probe_field]]
 

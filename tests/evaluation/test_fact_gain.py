@@ -105,8 +105,8 @@ def _facts(people: list[str], shift: int) -> list[dict]:
     return [t(p, RELATIONS[i % 2], PEOPLE[(i + shift) % len(PEOPLE)]) for i, p in enumerate(people)]
 
 
-def _night_gain(tiny_lm_dir, night: Night, stream: list[dict]) -> dict:
-    """Train a fresh tiny model on ``stream`` (6 epochs); the night's reworded fact gain."""
+def _train_night(tiny_lm_dir, night: Night, stream: list[dict]):
+    """A fresh tiny model trained on ``stream`` (6 epochs): (model, tokenizer, scores before)."""
     target, optim = TargetSpec(path=str(tiny_lm_dir)), OptimSpec(lr=1e-2)
     learner = build_learner(target, WeightSpec(), optim, None, 0, torch.device("cpu"))
     docs = [
@@ -118,6 +118,12 @@ def _night_gain(tiny_lm_dir, night: Night, stream: list[dict]) -> dict:
     guard = NonFiniteGuard()
     for _ in range(6):
         train_epoch(learner, docs, BatchSpec(batch_size=4, shuffle=False), guard)
+    return model, tok, before
+
+
+def _night_gain(tiny_lm_dir, night: Night, stream: list[dict]) -> dict:
+    """Train a fresh tiny model on ``stream`` (6 epochs); the night's reworded fact gain."""
+    model, tok, before = _train_night(tiny_lm_dir, night, stream)
     return night_gains(night, before, score_night(model, tok, night, 16))["reworded"]
 
 
@@ -139,3 +145,44 @@ def test_a_night_that_learned_its_facts_has_a_fact_gain(tiny_lm_dir):
         render(night.facts[0], PHRASINGS["reworded"])
         == f"The works for of Ada Lovelace is {night.facts[0]['object']}"
     )
+
+
+def test_ckl_fact_gain_scores_a_saved_night_against_its_base(tmp_path, tiny_lm_dir):
+    """The command a nightly operator runs after `ckl update`: the same figures as the library."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ckl_toolkit.cli import main
+    from ckl_toolkit.core.io import write_jsonl_atomic
+
+    facts, controls = _facts(PEOPLE[:4], 3), _facts(PEOPLE[4:], 5)
+    write_jsonl_atomic(tmp_path / "facts.jsonl", facts)
+    write_jsonl_atomic(tmp_path / "controls.jsonl", controls + facts[:1])  # a night fact is never a control
+    night = Night("n", facts, controls, PHRASINGS)
+    model, tok, before = _train_night(tiny_lm_dir, night, facts * 4)
+    expected = night_gains(night, before, score_night(model, tok, night, 16))
+    model.save_pretrained(tmp_path / "after")
+    tok.save_pretrained(tmp_path / "after")
+    keep = [{"object": f["object"], "task_descriptive": f"{f['subject']} {f['relation']} {f['object']}"}
+            for f in controls]  # fmt: skip
+    write_jsonl_atomic(tmp_path / "keep.jsonl", keep)
+
+    args = ["fact-gain", "--model", str(tiny_lm_dir), "--model", str(tmp_path / "after"), "--model",
+            str(tiny_lm_dir), "--facts", str(tmp_path / "facts.jsonl"), "--controls",
+            str(tmp_path / "controls.jsonl"), "--control-per-relation", "10", "--retention",
+            str(tmp_path / "keep.jsonl"), "--stream-template", PHRASINGS["verbatim"] + ".",
+            "--reworded-template", PHRASINGS["reworded"], "--out", str(tmp_path / "gain.json")]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "gain.json").read_text())
+    assert out["facts"] == 4 and out["controls"] == 4
+    trained, same = out["models"][str(tmp_path / "after")], out["models"][str(tiny_lm_dir)]
+    for phrasing in PHRASINGS:
+        assert trained["fact_gain"][phrasing]["nats"] == pytest.approx(expected[phrasing]["nats"], abs=1e-4)
+    assert trained["fact_gain"]["reworded"]["nats"] > 0.5
+    assert same["fact_gain"]["reworded"]["nats"] == 0.0  # the base against itself learned nothing
+    assert "fact gain, reworded" in res.output
+
+    missing = CliRunner().invoke(main, args[:7] + ["--facts", str(tmp_path / "nope.jsonl")] + args[9:])
+    assert missing.exit_code == 2 and "--facts" in missing.output and "nope.jsonl" in missing.output
