@@ -77,14 +77,15 @@ def check_rows(rows: list[dict], name: str, probe_field: str, training: bool) ->
 
 
 def evidence_documents(rows: list[dict], source: str) -> list[Document]:
-    """LAMA-ckl rows as training documents: the evidence text, the object kept for the oracle."""
+    """LAMA-ckl rows as training documents: the evidence text, the object kept for the oracle (and,
+    in a world with distractors, ``new_objects``: every new fact's object, for ``weights.object_field``)."""
     return [
         Document(
             str(r.get("uuid") or r.get("id") or f"{source}/{i}"),
             r["evidence"],
             source,
             i,
-            {"object": r["object"]} if r.get("object") else {},
+            {k: r[k] for k in ("object", "new_objects") if r.get(k)},
         )  # fmt: skip
         for i, r in enumerate(rows, start=1)
     ]

@@ -133,8 +133,15 @@ def text_batch(
     tb = row_text_batch(tokenizer, enc.input_ids, enc.attention_mask)
     tb.enc.position_ids = enc.position_ids
     members = [batch.rows[i] for i in index] or [[]]
-    tb.objects = [[d.meta.get(object_field) for d in docs if d.meta.get(object_field)] for docs in members]
+    tb.objects = [[o for d in docs for o in _as_list(d.meta.get(object_field))] for docs in members]
     return tb
+
+
+def _as_list(value) -> list[str]:
+    """A document's object field: one string, or a list of them (every one is marked)."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else [v for v in value if v]
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

@@ -173,5 +173,9 @@ def test_hard_preset_evidence_restates_the_same_relation_and_adds_distractors():
         new = [s for s in sentences if not renders_known(s)]
         # the new fact itself, the filler and the two distractors render no pretrained fact
         assert len(new) >= 4 and any(r["object"] in s for s in new)
+        # new_objects: the asked object first, then one per distractor, each in a sentence of no known fact
+        assert len(r["new_objects"]) == 3 and r["new_objects"][0] == r["object"]
+        assert all(any(o in s for s in new) for o in r["new_objects"])
+    assert "new_objects" not in build_world(replace(cfg, distractors=0)).to_learn[0]
     quick = dict(filler_sentences=6, known_restatements=2, same_relation=False, distractors=0)
     assert replace(WorldConfig.hard(), **quick) == WorldConfig.quick()  # the quick preset is unchanged

@@ -83,3 +83,22 @@ def test_each_rank_takes_every_world_th_row_and_an_empty_rank_a_masked_row(tiny_
     rows, index = rank_rows(batch, 3, 4)
     assert index == [] and rows.input_ids.shape[0] == 1
     assert rows.attention_mask.sum() == 0  # takes part in collectives at weight 0
+
+
+def test_a_list_valued_object_field_marks_every_listed_object(tiny_lm_dir):
+    """weights.object_field may name a list (e.g. a hard world's new_objects): each one is weighted."""
+    from transformers import AutoTokenizer
+
+    from ckl_toolkit.training.step import text_batch
+    from ckl_toolkit.training.weighers import oracle_weights
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    text = "Ada lives in Paris. Bob works for Acme. Cy was born in Rome."
+    one = Document("a", text, "s", 1, {"object": "Paris", "new_objects": ["Paris", "Rome"]})
+    (batch,) = batches([one], tok, 64, 1, False)
+    marked = {}
+    for field in ("object", "new_objects"):
+        tb = text_batch(batch, 0, 1, tok, True, field)
+        w = oracle_weights(tb)[0]  # (T-1,)
+        marked[field] = tok.decode(batch.input_ids[0, 1:][w > 0]).replace(" ", "")
+    assert marked["object"] == "Paris" and marked["new_objects"] == "ParisRome"
