@@ -97,8 +97,9 @@ def train_epoch(learner: Learner, docs: list[Document], batching: BatchSpec, gua
     b, losses = batching, []
     for batch in batches(docs, learner.tokenizer, b.max_length, b.batch_size, b.pack):
         result = weighted_step(
-            learner.engine, batch, learner.weigher, learner.tokenizer, guard, sparsity=learner.sparsity
-        )
+            learner.engine, batch, learner.weigher, learner.tokenizer, guard, learner.object_field,
+            sparsity=learner.sparsity,
+        )  # fmt: skip
         if result.applied and result.stepped:  # a sparse batch with no row left has no loss
             losses.append(result.loss)
     return sum(losses) / len(losses) if losses else math.nan

@@ -25,6 +25,7 @@ class Learner:
     weigher: Weigher
     engine: Engine
     sparsity: Sparsity = field(default_factory=Sparsity)  # weights.sparse (default: dense)
+    object_field: str = "object"  # weights.object_field: the documents' field the oracle weights
 
     @property
     def tokenizer(self):
@@ -69,4 +70,4 @@ def build_learner(
     engine = make_engine(model, optim, ctx, planned_steps)
     model.model.train()
     torch.manual_seed(seed + (ctx.rank if ctx is not None else 0))  # dropout differs per rank, repeatably
-    return Learner(model, weigher, engine, weights.sparse.build())
+    return Learner(model, weigher, engine, weights.sparse.build(), weights.object_field)

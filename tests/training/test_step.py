@@ -102,3 +102,20 @@ def test_a_list_valued_object_field_marks_every_listed_object(tiny_lm_dir):
         w = oracle_weights(tb)[0]  # (T-1,)
         marked[field] = tok.decode(batch.input_ids[0, 1:][w > 0]).replace(" ", "")
     assert marked["object"] == "Paris" and marked["new_objects"] == "ParisRome"
+
+
+def test_the_benchmark_protocol_trains_on_the_recipes_object_field(tiny_lm_dir):
+    """ckl eval's train_epoch honours weights.object_field (it once always read "object")."""
+    from ckl_toolkit.evaluation.lama_ckl import train_epoch
+    from ckl_toolkit.training.sections import BatchSpec
+
+    text = "Ada lives in Paris. Bob works for Acme. Cy was born in Rome."
+    doc = Document("a", text, "s", 1, {"object": "Paris", "new_objects": ["Paris", "Rome"]})
+    losses = {}
+    for field in ("object", "new_objects"):
+        weights = WeightSpec(method="oracle", object_field=field)
+        learner = build_learner(TargetSpec(path=str(tiny_lm_dir)), weights, OptimSpec(lr=1e-3), None, 0,
+                                torch.device("cpu"))  # fmt: skip
+        assert learner.object_field == field
+        losses[field] = train_epoch(learner, [doc], BatchSpec(batch_size=1, shuffle=False), NonFiniteGuard())
+    assert losses["object"] != pytest.approx(losses["new_objects"])  # another set of tokens was learned
