@@ -298,7 +298,7 @@ def _update_locked(recipe: UpdateRecipe, out: Path, ctx: DistContext, stop: Stop
         ):
             t0, c0 = time.perf_counter(), time.process_time()  # wall and CPU time of this step
             result = weighted_step(engine, batch, learner.weigher, tokenizer, guard,
-                                   recipe.weights.object_field, step=state.step + 1,
+                                   learner.object_field, step=state.step + 1,
                                    sparsity=learner.sparsity)  # fmt: skip
             if not result.applied:  # NaN/inf on some rank: skipped (logged), abort after K in a row
                 metrics.log(event="skip", run=plan.run, step=state.step + 1, loss=result.loss)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 
-logger = logging.getLogger("ckl_toolkit")
+logger = logging.getLogger(__name__)
 
 
 class StopFlag:

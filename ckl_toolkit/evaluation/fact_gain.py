@@ -179,6 +179,22 @@ class Night:
     phrasings: dict[str, str]
 
 
+def build_night(
+    name: str,
+    facts: list[dict],
+    candidates: Sequence[dict],
+    per_relation: int,
+    stream_template: str,
+    reworded_template: str,
+) -> Night:
+    """A night from the triples it teaches: controls drawn from ``candidates`` (``control_set``), and
+    the stream's wording ("verbatim") and another ("reworded") as probe templates.
+
+    Raises ValueError when a template does not end with its object."""
+    phrasings = {"verbatim": probe_template(stream_template), "reworded": probe_template(reworded_template)}
+    return Night(name, facts, control_set(facts, candidates, per_relation), phrasings)
+
+
 NightScores = dict[str, tuple[ProbeResults, ProbeResults]]  # phrasing -> (facts, controls)
 
 

@@ -22,9 +22,8 @@ import torch
 from ckl_toolkit.core.config import ConfigError
 from ckl_toolkit.evaluation.fact_gain import (
     Night,
-    control_set,
+    build_night,
     night_gains,
-    probe_template,
     retention,
     score_known,
     score_night,
@@ -130,15 +129,11 @@ def load_night(
             raise ConfigError(f"{flag}: {path} not found")
     facts = read_triples(facts_path)
     facts = facts[:limit] if limit else facts
-    controls = control_set(facts, read_triples(controls_path), per_relation)
     try:
-        phrasings = {
-            "verbatim": probe_template(stream_template),
-            "reworded": probe_template(reworded_template),
-        }
+        return build_night(Path(facts_path).name, facts, read_triples(controls_path), per_relation,
+                           stream_template, reworded_template)  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"--stream-template / --reworded-template: {e}") from None
-    return Night(Path(facts_path).name, facts, controls, phrasings)
 
 
 def fact_gain_result(

@@ -30,7 +30,7 @@ from ckl_toolkit.core.config import ConfigError
 from ckl_toolkit.core.documents import Document
 from ckl_toolkit.core.io import read_jsonl
 from ckl_toolkit.evaluation.config import EvalRecipe
-from ckl_toolkit.evaluation.fact_gain import Night, control_set, probe_template
+from ckl_toolkit.evaluation.fact_gain import Night, build_night
 from ckl_toolkit.evaluation.methods import Method
 from ckl_toolkit.evaluation.probes import score_probes
 
@@ -263,12 +263,8 @@ def load_nights(recipe: EvalRecipe) -> list[Night]:
         facts = read_triples(_period_file(recipe, period, "changed"))
         facts = facts[: tw.train_limit] if tw.train_limit else facts
         candidates = read_triples(_period_file(recipe, period, "unchanged"))
-        controls = control_set(facts, candidates, tw.control_per_relation)
-        phrasings = {
-            "verbatim": probe_template(tw.stream_template),
-            "reworded": probe_template(tw.reworded_template),
-        }
-        nights.append(Night(period, facts, controls, phrasings))
+        nights.append(build_night(period, facts, candidates, tw.control_per_relation,
+                                  tw.stream_template, tw.reworded_template))  # fmt: skip
     return nights
 
 
