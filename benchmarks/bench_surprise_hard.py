@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +50,26 @@ def main() -> None:
         action="store_true",
         help="no meta-training: only uniform, the oracle and the all-new-objects ceiling (seconds a seed)",
     )
+    parser.add_argument(
+        "--distractors",
+        type=int,
+        default=None,
+        help="new facts about other people per evidence document (the preset's 2; 0: every other fact "
+        "in the evidence is known, the case the surprise feature can tell apart)",
+    )
+    parser.add_argument(
+        "--eval-extra",
+        default="",
+        help="more overrides for every evaluation, e.g. 'optim.lr=1e-3' (the ceiling at another lr)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny world, base and run (seconds)")
     args = parser.parse_args()
     out, t0, load = Path(args.out), time.perf_counter(), os.getloadavg()
     plan = DemoPlan.make(quick=True, seed=args.seed)
     world = WorldConfig.hard(args.seed)
+    if args.distractors is not None:
+        world = replace(world, distractors=args.distractors)
     if args.smoke:
-        from dataclasses import replace
-
         small = dict(n_entities=40, to_learn=8, meta_pairs=16, meta_val_pairs=6, nf_candidates=16)
         world = replace(world, pretrain_passes=2, **small)
         plan.pretrain = replace(
@@ -71,6 +84,7 @@ def main() -> None:
         )
         plan.eval_overrides += ["protocol.epochs=1", "data.nf_limit=10"]
         args.meta_steps = 2
+    plan.eval_overrides += args.eval_extra.split()
     world_dir = write_world(build_world(world), out / "world")
     base_dir = pretrain(world_dir, out / "base", plan.pretrain, progress=False)
     rows, timings = {}, {}
@@ -146,9 +160,11 @@ def main() -> None:
     oracle = max(rows["oracle"]["top_em"], 1e-9)
     report = {
         "world": "WorldConfig.hard",
+        "distractors": world.distractors,
         "seed": args.seed,
         "meta_steps": args.meta_steps,
         "surprise_extra": args.surprise_extra,
+        "eval_extra": args.eval_extra,
         "top_em": {k: v["top_em"] for k, v in rows.items()},
         "nf_em": {k: v["nf_em"] for k, v in rows.items()},
         **{f"{k}_over_oracle": rows[k]["top_em"] / oracle for k in variants},

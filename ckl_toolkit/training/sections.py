@@ -175,6 +175,12 @@ class WeightSpec:
     normalize: bool = fld(
         True, "Divide each row's weighted loss by its weight sum (TAALM), else by its tokens."
     )
+    floor: float = fld(
+        0.0,
+        "taalm / oracle: every real token weighs at least this much, w' = floor + (1 - floor)·w "
+        "(0: the weights as they are; 1: uniform; uniform and rho1 ignore it): keeps the sentence's "
+        "own tokens in the update beside the weighted ones (README, 'Did the night learn its facts?').",
+    )
     keep_ratio: float = fld(0.6, "rho1: fraction of the batch's tokens kept.")
     object_field: str = fld("object", "oracle: document field holding the object string.")
     sparse: SparseSpec = field(default_factory=SparseSpec)
@@ -193,6 +199,7 @@ class WeightSpec:
             "needed with method=taalm (or choose uniform, oracle, rho1)",
         )
         require(0.0 < self.keep_ratio <= 1.0, "keep_ratio", f"must be in (0, 1], got {self.keep_ratio}")
+        require(0.0 <= self.floor <= 1.0, "floor", f"must be in [0, 1], got {self.floor}")
 
     def build(self, target: Target, version: Path | None, seed: int, device) -> Weigher:
         """The weigher of this section for ``target`` (see training.weighers.build_weigher)."""

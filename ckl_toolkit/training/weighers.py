@@ -152,11 +152,17 @@ class TokenWeigher:
     source: Callable[[TextBatch], torch.Tensor]
     needs_text: bool = False
     normalize: bool = True
+    floor: float = 0.0  # every real token weighs at least this: w' = floor + (1 - floor)·w
 
     def weights(self, batch: TextBatch, nll: torch.Tensor) -> torch.Tensor:
         if getattr(self.source, "reads_target_nll", False):  # a TA model with the surprise feature
-            return self.source(batch, nll)
-        return self.source(batch)  # (B, T-1)
+            w = self.source(batch, nll)
+        else:
+            w = self.source(batch)  # (B, T-1)
+        if self.floor:
+            mask = target_mask(batch.enc.attention_mask, batch.enc.position_ids).to(w)
+            w = (self.floor + (1.0 - self.floor) * w) * mask  # padding stays 0
+        return w
 
     def loss(self, nll: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return weighted_loss(nll, w, mask, normalize=self.normalize)
@@ -192,10 +198,10 @@ def build_weigher(spec: WeightSpec, target: Target, version: Path | None, seed: 
     if spec.method == "uniform":
         return TokenWeigher("uniform", uniform_weights, normalize=spec.normalize)
     if spec.method == "oracle":
-        return TokenWeigher("oracle", oracle_weights, needs_text=True, normalize=spec.normalize)
+        return TokenWeigher("oracle", oracle_weights, True, spec.normalize, spec.floor)
     if spec.method == "taalm":
         source, needs_text = ta_source(spec.ta_path, spec.align, spec.reduce, target.tokenizer, device)
-        return TokenWeigher("taalm", source, needs_text=needs_text, normalize=spec.normalize)
+        return TokenWeigher("taalm", source, needs_text, spec.normalize, spec.floor)
     # rho1: the reference is the model this run starts from, frozen
     reference = target.spec.build(version, seed).model.to(device)
     return Rho1Weigher(reference, spec.keep_ratio)

@@ -54,10 +54,11 @@ def test_the_headline_command_in_a_fresh_clone_exits_2_in_seconds_naming_what_to
     assert "Traceback" not in res.stderr and seconds < 15
     assert not (clone / "runs").exists()  # nothing was written
 
-    # the model is there, the TA model is not: the meta-training recipe that writes it is named
+    # the model is there, the TA model is not: Train-Attention (the recipe's override line) names the
+    # meta-training recipe that writes it
     (clone / "models/smollm2-135m").mkdir(parents=True)
     (clone / "models/smollm2-135m/config.json").write_text("{}")
-    res = ckl(clone, "validate", "--recipe", "recipes/temporalwiki.yaml")
+    res = ckl(clone, "validate", "--recipe", "recipes/temporalwiki.yaml", "weights.method=taalm")
     assert res.returncode == 2
     assert (
         "weights.ta_path: runs/meta_temporalwiki/ta does not exist; `ckl meta-train --recipe " in res.stderr

@@ -119,3 +119,25 @@ def test_the_benchmark_protocol_trains_on_the_recipes_object_field(tiny_lm_dir):
         assert learner.object_field == field
         losses[field] = train_epoch(learner, [doc], BatchSpec(batch_size=1, shuffle=False), NonFiniteGuard())
     assert losses["object"] != pytest.approx(losses["new_objects"])  # another set of tokens was learned
+
+
+def test_a_weight_floor_lifts_every_real_token_and_keeps_padding_at_zero(tiny_lm_dir):
+    """weights.floor: w' = floor + (1 - floor)·w on real tokens (0.25 -> 0.25 off the object, 1 on it)."""
+    from ckl_toolkit.core.config import ConfigError
+
+    seen = {}
+    for floor in (0.0, 0.25):
+        weights = WeightSpec(method="oracle", floor=floor)
+        learner = build_learner(TargetSpec(path=str(tiny_lm_dir)), weights, OptimSpec(lr=1e-2), None, 0,
+                                torch.device("cpu"))  # fmt: skip
+        batch = _batch(learner.tokenizer, n=2)
+        batch.attention_mask[1, -3:] = 0  # padding at the end of the second row
+        result = weighted_step(learner.engine, batch, learner.weigher, learner.tokenizer, NonFiniteGuard())
+        seen[floor] = result
+    w0, w1 = seen[0.0].weights, seen[0.25].weights
+    real = seen[0.25].mask
+    assert set(w1[real].unique().tolist()) == {0.25, 1.0}
+    assert torch.equal(w1[real] == 1.0, w0[real] == 1.0)  # the object's tokens are the same ones
+    assert (w1[~real] == 0).all()  # padding never weighs
+    with pytest.raises(ConfigError, match="floor"):
+        WeightSpec(method="taalm", ta_path="x", floor=1.5)
