@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ckl_toolkit.core.config import load_recipe  # noqa: E402
+from ckl_toolkit.core.io import write_json_atomic  # noqa: E402
 from ckl_toolkit.data.pretrain import pretrain  # noqa: E402
 from ckl_toolkit.data.world import WorldConfig, build_world, write_world  # noqa: E402
 from ckl_toolkit.demo import DemoPlan  # noqa: E402
@@ -37,7 +39,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="runs/surprise_hard")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="several: out/seed<S> each, mean ± sd"
+    )
     parser.add_argument("--meta-steps", type=int, default=120, help="the quick demo's 120")
     parser.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "surprise_hard.json"))
     parser.add_argument(
@@ -64,9 +68,44 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="a tiny world, base and run (seconds)")
     args = parser.parse_args()
-    out, t0, load = Path(args.out), time.perf_counter(), os.getloadavg()
-    plan = DemoPlan.make(quick=True, seed=args.seed)
-    world = WorldConfig.hard(args.seed)
+    if len(args.seeds) == 1:
+        report = run_seed(args, args.seeds[0], Path(args.out))
+    else:
+        per_seed = []
+        for seed in args.seeds:
+            per_seed.append(run_seed(args, seed, Path(args.out) / f"seed{seed}"))
+            write_json_atomic(Path(args.result), summarize(per_seed))  # after each seed: a kill loses one
+        report = summarize(per_seed)
+    write_json_atomic(Path(args.result), report)
+    keys = ("top_em", "nf_em") if len(args.seeds) == 1 else ("summary",)
+    print(json.dumps({k: v for k, v in report.items() if k in keys or k.endswith("_over_oracle")}, indent=2))
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean ± sd (sample sd) over seeds of every row's Top EM / NF EM and of each ratio to the oracle."""
+
+    def mean_sd(values: list[float]) -> dict:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
+
+    rows = per_seed[0]["top_em"]
+    ratios = [k for k in per_seed[0] if k.endswith("_over_oracle")]
+    return {
+        "seeds": [r["seed"] for r in per_seed],
+        "summary": {
+            **{f"{m}_top_em": mean_sd([r["top_em"][m] for r in per_seed]) for m in rows},
+            **{f"{m}_nf_em": mean_sd([r["nf_em"][m] for r in per_seed]) for m in rows},
+            **{k: mean_sd([r[k] for r in per_seed]) for k in ratios},
+        },
+        "per_seed": per_seed,
+    }
+
+
+def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
+    """One seed's world, base, TA model(s) and protocol; the report of its rows."""
+    t0, load = time.perf_counter(), os.getloadavg()
+    plan = DemoPlan.make(quick=True, seed=seed)
+    world = WorldConfig.hard(seed)
     if args.distractors is not None:
         world = replace(world, distractors=args.distractors)
     if args.smoke:
@@ -83,7 +122,6 @@ def main() -> None:
             eval_facts=20,
         )
         plan.eval_overrides += ["protocol.epochs=1", "data.nf_limit=10"]
-        args.meta_steps = 2
     plan.eval_overrides += args.eval_extra.split()
     world_dir = write_world(build_world(world), out / "world")
     base_dir = pretrain(world_dir, out / "base", plan.pretrain, progress=False)
@@ -106,7 +144,7 @@ def main() -> None:
             + [
                 f"run_dir={out / ('meta_' + name)}",
                 f"base.path={base_dir}",
-                f"steps={args.meta_steps}",
+                f"steps={2 if args.smoke else args.meta_steps}",
                 f"data.train={world_dir / 'meta_train.jsonl'}",
                 f"data.val={world_dir / 'meta_val.jsonl'}",
                 "progress=false",
@@ -142,55 +180,46 @@ def main() -> None:
         timings[name] = time.perf_counter() - t
     # The label-free ceiling: weight 1 on every new fact's object (the asked one and the distractors'),
     # what a weigher that tells new from known perfectly, but cannot know which new fact is asked, gives.
-    ceiling = load_recipe(
-        EvalRecipe,
-        None,
-        plan.eval_overrides
-        + [
-            f"run_dir={out / 'eval_all_new'}",
-            f"target.path={base_dir}",
-            "data.kind=synthetic",
-            f"data.dir={world_dir}",
-            "methods=[oracle]",
-            "weights.object_field=new_objects",
-            "progress=false",
-        ],
-    )
-    rows["all_new_objects"] = run_lama_benchmark(ceiling)["methods"]["oracle"]
+    # Without distractors the asked object is the only new one: the ceiling is the oracle itself.
+    if world.distractors:
+        ceiling = load_recipe(
+            EvalRecipe,
+            None,
+            plan.eval_overrides
+            + [
+                f"run_dir={out / 'eval_all_new'}",
+                f"target.path={base_dir}",
+                "data.kind=synthetic",
+                f"data.dir={world_dir}",
+                "methods=[oracle]",
+                "weights.object_field=new_objects",
+                "progress=false",
+            ],
+        )
+        rows["all_new_objects"] = run_lama_benchmark(ceiling)["methods"]["oracle"]
     oracle = max(rows["oracle"]["top_em"], 1e-9)
     report = {
         "world": "WorldConfig.hard",
         "distractors": world.distractors,
-        "seed": args.seed,
-        "meta_steps": args.meta_steps,
+        "seed": seed,
+        "meta_steps": 2 if args.smoke else args.meta_steps,
         "surprise_extra": args.surprise_extra,
         "eval_extra": args.eval_extra,
         "top_em": {k: v["top_em"] for k, v in rows.items()},
         "nf_em": {k: v["nf_em"] for k, v in rows.items()},
         **{f"{k}_over_oracle": rows[k]["top_em"] / oracle for k in variants},
-        "all_new_objects_over_oracle": rows["all_new_objects"]["top_em"] / oracle,
+        **(
+            {"all_new_objects_over_oracle": rows["all_new_objects"]["top_em"] / oracle}
+            if world.distractors
+            else {}
+        ),
         "methods": rows,
         "seconds": time.perf_counter() - t0,
         "stage_seconds": timings,
         "loadavg_at_start": load,
         "loadavg_at_end": os.getloadavg(),
     }
-    Path(args.result).write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        json.dumps(
-            {
-                k: report[k]
-                for k in (
-                    "top_em",
-                    "nf_em",
-                    *[f"{v}_over_oracle" for v in variants],
-                    "all_new_objects_over_oracle",
-                    "seconds",
-                )
-            },
-            indent=2,
-        )
-    )
+    return report
 
 
 if __name__ == "__main__":

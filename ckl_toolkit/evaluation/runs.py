@@ -40,17 +40,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Fields added after results were stored, each with the value that reproduces the behaviour before it
+# existed: at that value the field stays out of the fingerprint, so adding a field to the recipe does not
+# recompute every finished run (a new default value would otherwise change every fingerprint).
+NEUTRAL_NEW_FIELDS: dict[tuple[str, str], object] = {("weights", "floor"): 0.0}
+
+
+def fingerprint_fields(recipe: EvalRecipe, uses_ta: bool = True) -> dict:
+    """The recipe fields a finished run's numbers depend on besides its method and lr."""
+    ignore = ("methods", "sweep", "lr_overrides", "progress", "threads", "title", "run_dir")
+    fields = {k: v for k, v in to_dict(recipe).items() if k not in ignore}
+    for (section, name), neutral in NEUTRAL_NEW_FIELDS.items():
+        if fields[section].get(name) == neutral:
+            fields[section] = {k: v for k, v in fields[section].items() if k != name}
+    if not uses_ta:
+        fields["weights"] = {k: v for k, v in fields["weights"].items() if k != "ta_path"}
+    return fields
+
+
 def fingerprint(recipe: EvalRecipe, uses_ta: bool = True) -> str:
     """What a finished run's numbers depend on besides its method and lr (not the method list).
 
     A method without Train-Attention does not depend on ``weights.ta_path``: comparing two TA seeds
     in two run dirs can copy the baselines' ``runs/<key>.json`` across instead of re-running them.
     """
-    ignore = ("methods", "sweep", "lr_overrides", "progress", "threads", "title", "run_dir")
-    fields = {k: v for k, v in to_dict(recipe).items() if k not in ignore}
-    if not uses_ta:
-        fields["weights"] = {k: v for k, v in fields["weights"].items() if k != "ta_path"}
-    return recipe_hash(fields)
+    return recipe_hash(fingerprint_fields(recipe, uses_ta))
 
 
 def run_key(method: str, lr: float, epochs: int | None = None) -> str:

@@ -19,7 +19,7 @@ from ckl_toolkit.evaluate import equal_nf_view, select_not_to_forget, synthetic_
 from ckl_toolkit.evaluation.config import EvalRecipe
 from ckl_toolkit.evaluation.lama_ckl import evidence_documents, run_lama_ckl, train_epoch
 from ckl_toolkit.evaluation.methods import PAPER_METHODS, Method, parse_method
-from ckl_toolkit.evaluation.runs import fingerprint, method_learner, run_key
+from ckl_toolkit.evaluation.runs import fingerprint, fingerprint_fields, method_learner, run_key
 from ckl_toolkit.training.mix_review import MixReviewConfig, mix_review_count
 from ckl_toolkit.training.sections import (
     BatchSpec,
@@ -309,6 +309,17 @@ def test_a_baselines_fingerprint_ignores_the_ta_but_a_taalm_runs_does_not(tmp_pa
     moved_base, moved_ta = prints("weights.ta_path=runs/a/ta", "weights.keep_ratio=0.5")
     assert moved_base != base and moved_ta != ta  # every other weights field still counts for both
     assert prints("weights.ta_path=runs/a/ta", "seed=1")[0] != base
+
+
+def test_a_field_added_later_leaves_finished_runs_alone_at_its_neutral_value(tmp_path, tiny_lm_dir):
+    """weights.floor came after results were stored: at 0.0 (the behaviour before it) it is not hashed."""
+    path = _write_recipe(tmp_path, _recipe(tmp_path, tiny_lm_dir))
+    plain = load_recipe(EvalRecipe, path)
+    assert "floor" not in fingerprint_fields(plain)["weights"]
+    assert "normalize" in fingerprint_fields(plain)["weights"]  # every other field still counts
+    floored = load_recipe(EvalRecipe, path, ["weights.floor=0.5"])
+    assert fingerprint_fields(floored)["weights"]["floor"] == 0.5
+    assert fingerprint(floored) != fingerprint(plain)
 
 
 def test_equal_nf_view_picks_the_best_top_em_among_lrs_that_keep_nf(tmp_path, tiny_lm_dir):
