@@ -139,14 +139,16 @@ def equal_nf_view(recipe: EvalRecipe, runs: dict[str, dict]) -> dict | None:
     """Per method, the best TO-LEARN exact match among its lrs whose NF EM meets the reference's.
 
     Same-lr tables favour methods that forget more (a concentrated gradient learns and forgets
-    faster): this view compares methods at (about) the same forgetting.
+    faster): this view compares methods at (about) the same forgetting. Every method is in it: an
+    unswept one with its single lr (meeting the target or not), so one run of, say, the Oracle at a
+    lower lr places it beside the swept methods.
     """
     sw = recipe.sweep
     if not sw.lrs:
         return None
     target = runs[run_key(sw.reference, recipe.lr_of(sw.reference))]["nf_em"]
     methods = {}
-    for m in sw.methods or recipe.methods:
+    for m in recipe.methods:
         cands = [runs[run_key(m, lr)] for lr in recipe.lrs_of(m)]
         ok = [s for s in cands if s["nf_em"] >= target - sw.tolerance]
         best = max(ok, key=lambda s: s["top_em"]) if ok else max(cands, key=lambda s: s["nf_em"])

@@ -277,7 +277,7 @@ def test_ckl_eval_writes_results_and_resumes_without_repeating_runs(tmp_path, ti
         assert set(s) >= {"top_acc", "epoch", "nf_acc", "total", "top_em", "em_epoch", "nf_em"}
     kad, ft = results["methods"]["kadapter"], results["methods"]["finetune"]
     assert kad["trainable_params"] < ft["trainable_params"]
-    assert set(results["equal_nf"]["methods"]) == {"finetune", "rho1"}
+    assert set(results["equal_nf"]["methods"]) == set(results["methods"])  # unswept ones at their one lr
     runs = sorted(p.name for p in (run / "runs").iterdir())
     assert len(runs) == 7  # 5 methods at 1e-3 + 2 swept at 1e-4
 
@@ -342,6 +342,12 @@ def test_equal_nf_view_picks_the_best_top_em_among_lrs_that_keep_nf(tmp_path, ti
     assert view["target"]["value"] == 0.80
     assert view["methods"]["oracle"]["top_em"] == 0.6 and view["methods"]["oracle"]["meets_target"]
     assert view["methods"]["finetune"]["top_em"] == 0.3
+
+    # only finetune swept: the Oracle, run at one lower lr, still takes its place in the view
+    one = load_recipe(EvalRecipe, _write_recipe(tmp_path, {**data, "sweep": {"lrs": [1e-4, 3e-4],
+                      "methods": ["finetune"]}, "lr_overrides": {"oracle": 1e-4}}))  # fmt: skip
+    view = equal_nf_view(one, runs)
+    assert view["methods"]["oracle"]["top_em"] == 0.4 and view["methods"]["oracle"]["meets_target"]
 
 
 def test_not_to_forget_cache_is_keyed_by_what_selects_it(tmp_path, tiny_lm_dir):

@@ -204,6 +204,19 @@ def test_lama_equal_nf_section_and_context(tmp_path):
     assert "Plotted metric: **exact match**" in md
 
 
+def test_a_method_below_the_nf_target_is_marked_in_the_equal_nf_table(tmp_path):
+    results = lama_results()
+    results["equal_nf"]["methods"]["taalm"]["meets_target"] = False  # e.g. an unswept run that forgets more
+    results["equal_nf"]["methods"]["finetune"]["meets_target"] = True
+    run = make_run(tmp_path, results)
+    write_report(run)
+    md = (run / "report.md").read_text()
+    section = md[md.index("## Results at equal NOT-TO-FORGET") :]
+    assert "| `taalm` (below the NF target) |" in section
+    assert "| `finetune` |" in section  # a method that meets it is not marked
+    assert "| `taalm` |" in md  # the same-lr table never marks
+
+
 def test_lama_plots_are_readable_pngs(tmp_path):
     run = make_run(tmp_path, lama_results())
     write_report(run)
