@@ -12,6 +12,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +102,28 @@ def init_distributed(ds_config: dict | None, backend: str = "auto") -> DistConte
     return DistContext(rank, world, local_rank, ds_config)
 
 
+# How long the ranks wait for each other before leaving the process group (then they leave anyway).
+SHUTDOWN_BARRIER_SECONDS = 60
+
+
 def shutdown() -> None:
-    """Leave the process group (if one was created)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Leave the process group (if one was created), all ranks together.
+
+    Why the barrier: a rank that tears its gloo group down while a peer still has traffic in flight (rank 0
+    writing the export while rank 1 is already leaving) was seen to abort the peer at exit ("terminate called
+    without an active exception", SIGABRT) after a run that had published. On gloo a monitored barrier
+    bounds the wait, so a rank whose peer died still exits; a failed barrier is not an error here.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    try:
+        if torch.distributed.get_backend() == "gloo":
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=SHUTDOWN_BARRIER_SECONDS))
+        else:
+            torch.distributed.barrier()
+    except RuntimeError:
+        pass  # a peer is gone (its own failure is reported by its exit code): leave anyway
+    torch.distributed.destroy_process_group()
 
 
 def launch_command(script: str | os.PathLike, launcher: str, nproc: int, args: Sequence[str]) -> list[str]:
