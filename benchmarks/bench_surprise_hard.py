@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_demo_seeds import mean_sd  # noqa: E402  (this script's folder is on sys.path)
 
 from ckl_toolkit.core.config import load_recipe  # noqa: E402
 from ckl_toolkit.core.io import write_json_atomic  # noqa: E402
@@ -68,6 +69,8 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="a tiny world, base and run (seconds)")
     args = parser.parse_args()
+    if args.smoke:
+        args.meta_steps = 2
     if len(args.seeds) == 1:
         report = run_seed(args, args.seeds[0], Path(args.out))
     else:
@@ -83,11 +86,6 @@ def main() -> None:
 
 def summarize(per_seed: list[dict]) -> dict:
     """Mean ± sd (sample sd) over seeds of every row's Top EM / NF EM and of each ratio to the oracle."""
-
-    def mean_sd(values: list[float]) -> dict:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
-
     rows = per_seed[0]["top_em"]
     ratios = [k for k in per_seed[0] if k.endswith("_over_oracle")]
     return {
@@ -144,7 +142,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
             + [
                 f"run_dir={out / ('meta_' + name)}",
                 f"base.path={base_dir}",
-                f"steps={2 if args.smoke else args.meta_steps}",
+                f"steps={args.meta_steps}",
                 f"data.train={world_dir / 'meta_train.jsonl'}",
                 f"data.val={world_dir / 'meta_val.jsonl'}",
                 "progress=false",
@@ -202,7 +200,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         "world": "WorldConfig.hard",
         "distractors": world.distractors,
         "seed": seed,
-        "meta_steps": 2 if args.smoke else args.meta_steps,
+        "meta_steps": args.meta_steps,
         "surprise_extra": args.surprise_extra,
         "eval_extra": args.eval_extra,
         "top_em": {k: v["top_em"] for k, v in rows.items()},

@@ -198,10 +198,14 @@ def build_weigher(spec: WeightSpec, target: Target, version: Path | None, seed: 
     if spec.method == "uniform":
         return TokenWeigher("uniform", uniform_weights, normalize=spec.normalize)
     if spec.method == "oracle":
-        return TokenWeigher("oracle", oracle_weights, True, spec.normalize, spec.floor)
+        return TokenWeigher(
+            "oracle", oracle_weights, needs_text=True, normalize=spec.normalize, floor=spec.floor
+        )
     if spec.method == "taalm":
         source, needs_text = ta_source(spec.ta_path, spec.align, spec.reduce, target.tokenizer, device)
-        return TokenWeigher("taalm", source, needs_text, spec.normalize, spec.floor)
+        return TokenWeigher(
+            "taalm", source, needs_text=needs_text, normalize=spec.normalize, floor=spec.floor
+        )
     # rho1: the reference is the model this run starts from, frozen
     reference = target.spec.build(version, seed).model.to(device)
     return Rho1Weigher(reference, spec.keep_ratio)
