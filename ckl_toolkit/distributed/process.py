@@ -111,18 +111,17 @@ def shutdown() -> None:
 
     Why the barrier: a rank that tears its gloo group down while a peer still has traffic in flight (rank 0
     writing the export while rank 1 is already leaving) was seen to abort the peer at exit ("terminate called
-    without an active exception", SIGABRT) after a run that had published. On gloo a monitored barrier
-    bounds the wait, so a rank whose peer died still exits; a failed barrier is not an error here.
+    without an active exception", SIGABRT) after a run that had published. Only on gloo, where a monitored
+    barrier bounds the wait, so a rank whose peer died still exits; an NCCL barrier has no such bound (a
+    dead peer would hold the job until the collective timeout), so NCCL groups leave as before.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    try:
-        if torch.distributed.get_backend() == "gloo":
+    if torch.distributed.get_backend() == "gloo":
+        try:
             torch.distributed.monitored_barrier(timeout=timedelta(seconds=SHUTDOWN_BARRIER_SECONDS))
-        else:
-            torch.distributed.barrier()
-    except RuntimeError:
-        pass  # a peer is gone (its own failure is reported by its exit code): leave anyway
+        except RuntimeError:
+            pass  # a peer is gone (its own failure is reported by its exit code): leave anyway
     torch.distributed.destroy_process_group()
 
 
