@@ -248,6 +248,44 @@ def data_temporalwiki(
     click.echo(f"rule: {info['rule']}")
 
 
+@data.command("known-facts")
+@click.option(
+    "--facts",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Candidate facts ({object, <probe-field>, subject, uuid} rows), e.g. LAMA-ckl "
+    "invariant_schematic.jsonl.",
+)
+@click.option("--model", "model_path", required=True, help="The base model (an HF model directory).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSONL to write.")
+@click.option(
+    "--exclude",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Facts an evaluation measures (same uuid or subject: dropped). Repeatable.",
+)
+@click.option("--probe-field", default="task_descriptive", show_default=True)
+def data_known_facts(
+    facts: Path, model_path: str, out: Path, exclude: tuple[Path, ...], probe_field: str
+) -> None:
+    """Facts the base answers exactly, outside --exclude: meta-training's data.retain (meta.retain_weight)."""
+    from ckl_toolkit.core.io import write_jsonl_atomic
+    from ckl_toolkit.data.known_facts import candidates, known_facts
+    from ckl_toolkit.evaluation.temporalwiki import load_retention
+    from ckl_toolkit.nightly.export import load_model
+
+    with _user_errors(ConfigError, exit_code=EXIT_BAD_INPUT):
+        rows = load_retention(str(facts), probe_field, "--facts")
+        excluded = [r for path in exclude for r in load_retention(str(path), probe_field, "--exclude")]
+        model, tokenizer, _ = load_model(model_path)
+    known = known_facts(model, tokenizer, rows, excluded, probe_field)
+    write_jsonl_atomic(out, known)
+    n = len(candidates(rows, excluded))
+    click.echo(
+        f"wrote {out}: {len(known)} known facts of {n} candidates ({len(rows) - n} rows excluded or repeated)"
+    )
+
+
 @main.command("convert-smollm2")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

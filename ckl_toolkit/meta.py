@@ -8,7 +8,7 @@ The loop, per TA step (the paper's Algorithm 1 with an exact meta-gradient, ``me
 
     w      = φ(D)                             token weights of the documents, (B, T-1)
     θ'     = θ - a·∇θ TWL(θ; D, w)            one weighted inner step of the base (then undone)
-    L_T    = NLL of the task objects under θ'
+    L_T    = NLL of the task objects under θ'   (+ λ·NLL of known facts under θ': meta.retain_weight)
     dL/dw  = exact, from one directional derivative (no second-order autograd)
     φ     <- AdamW step on (w · stopgrad(dL/dw)).sum()
 
@@ -50,11 +50,13 @@ from ckl_toolkit.distributed.process import (
 from ckl_toolkit.evaluation.lama_ckl import run_lama_ckl
 from ckl_toolkit.metalearn.config import META_DS_FIELDS, MetaRecipe
 from ckl_toolkit.metalearn.episodes import (
+    PROBE_FIELDS,
     EpisodeBatch,
     episode_indices,
     episode_slice,
     load_pairs,
     make_episode_batch,
+    make_probe_batch,
     require_task_objects,
     weight_stats,
 )
@@ -230,9 +232,15 @@ def diagnose(
 
 
 def step_record(
-    step: int, res: MetaStepResult, batch: EpisodeBatch, ctx: DistContext, seconds: float
+    step: int,
+    res: MetaStepResult,
+    batch: EpisodeBatch,
+    ctx: DistContext,
+    seconds: float,
+    retain: bool = False,
 ) -> dict:
-    """One metrics.jsonl line: the losses, φ's gradient norm, its weights on object vs other tokens."""
+    """One metrics.jsonl line: the losses, φ's gradient norm, its weights on object vs other tokens
+    (and, with the retention term, the known facts' loss at θ and under θ')."""
     stats = {
         "outer_loss": res.outer_loss,
         "outer_loss_before": res.outer_loss_before,
@@ -240,6 +248,8 @@ def step_record(
         "grad_norm": res.grad_norm,
         **weight_stats(res.w, batch),
     }
+    if retain:
+        stats.update(retain_loss=res.retain_loss, retain_loss_before=res.retain_loss_before)
     return {"step": step, **mean_over_ranks(ctx, stats), "seconds": seconds}  # a sync point on several ranks
 
 
@@ -277,6 +287,7 @@ def meta_train(recipe: MetaRecipe) -> Path:
         window_pairs(tokenizer, load_pairs(recipe.data.val, "data.val"), window) if recipe.data.val else []
     )
     diag = diagnostic_batches(tokenizer, val_rows, recipe) if recipe.diag_every else []
+    known = load_pairs(recipe.data.retain, "data.retain", PROBE_FIELDS) if recipe.data.retain else []
     start = resume(run_dir, engine, recipe, ctx)
     if start:
         print0(f"resuming from step {start}")
@@ -296,6 +307,10 @@ def meta_train(recipe: MetaRecipe) -> Path:
             if recipe.distributed.partition_base:  # ranks gather shards together: no episode may skip a pass
                 require_task_objects(batch, rows, recipe.data.task_max_length)
             batch = batch.rows(mine)
+            retain = None  # the retention term's known facts: the same on every rank, a function of the step
+            if known:
+                picked = episode_indices(len(known), recipe.data.retain_batch_size, step, recipe.seed + 1)
+                retain = make_probe_batch(tokenizer, [known[i] for i in picked], recipe.data.task_max_length)
             done = step + 1
             diag_now = bool(diag) and done % recipe.diag_every == 0
             log = done % recipe.log_every == 0 or done == recipe.steps or diag_now
@@ -303,12 +318,13 @@ def meta_train(recipe: MetaRecipe) -> Path:
             for group in engine.optimizer.param_groups:  # a pure function of the step: nothing to resume
                 group["lr"] = lr
             res = meta_step(
-                engine, base, params, batch, recipe.meta, log, recipe.ta.surprise
+                engine, base, params, batch, recipe.meta, log, recipe.ta.surprise, retain
             )  # φ(D), dL/dw, φ's step
             tokens += int(batch.doc_mask.sum()) + int(batch.task_mask.sum())
 
             if log:
-                record = {**step_record(done, res, batch, ctx, time.perf_counter() - t0), "lr": lr}
+                seconds = time.perf_counter() - t0
+                record = {**step_record(done, res, batch, ctx, seconds, bool(known)), "lr": lr}
                 validating = done == recipe.steps or (recipe.val_every and done % recipe.val_every == 0)
                 if val_rows and recipe.val.pairs and validating:
                     full = consolidated_ta(engine, ta)  # collective; rank 0 validates

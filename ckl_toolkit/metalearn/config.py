@@ -57,9 +57,18 @@ class MetaDataSpec:
         "occurrence (0: the whole document, up to max_length).",
     )
 
+    retain: str | None = fld(
+        None,
+        "JSONL of facts the base already knows {task, object} (task ends with the object), for the "
+        "retention term meta.retain_weight: each step scores retain_batch_size of them under θ' "
+        "(`ckl data known-facts` writes one). Keep them apart from the facts an evaluation measures.",
+    )
+    retain_batch_size: int = fld(16, "Known facts scored per TA step (the same ones on every rank).")
+
     def __post_init__(self):
         require(self.max_length >= 8, "max_length", "must be >= 8")
         require(self.window >= 0, "window", "must be >= 0")
+        require(self.retain_batch_size >= 1, "retain_batch_size", "must be >= 1")
 
 
 @dataclass
@@ -178,6 +187,11 @@ class MetaRecipe:
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.diag_every >= 0, "diag_every", "must be >= 0")
         require(not self.diag_every or bool(self.data.val), "data.val", "diag_every needs held-out pairs")
+        require(
+            bool(self.data.retain) == (self.meta.retain_weight > 0),
+            "data.retain" if self.meta.retain_weight > 0 else "meta.retain_weight",
+            "the retention term needs both data.retain (known facts) and meta.retain_weight > 0",
+        )
         if self.distributed.partition_base:  # the inner step runs on a per-rank LoRA set
             require(
                 self.base.lora is not None,

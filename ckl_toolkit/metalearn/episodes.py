@@ -17,6 +17,7 @@ from ckl_toolkit.core.io import read_jsonl
 from ckl_toolkit.core.text import encode, object_target_mask
 
 PAIR_FIELDS = ("text", "task", "object")
+PROBE_FIELDS = ("task", "object")  # a retention probe: a fact the base knows, no document
 
 
 @dataclass
@@ -34,13 +35,19 @@ class EpisodeBatch:
         return EpisodeBatch(*(getattr(self, f.name)[sl] for f in fields(self)))
 
 
-def load_pairs(path: str, field_name: str) -> list[dict]:
-    """The pairs of a JSONL file; ConfigError names ``field_name``, file and line."""
+def load_pairs(path: str, field_name: str, required: tuple[str, ...] = PAIR_FIELDS) -> list[dict]:
+    """The pairs (or, with ``required=PROBE_FIELDS``, probes) of a JSONL file; ConfigError names
+    ``field_name``, file and line."""
     if not path:
         raise ConfigError(f"{field_name}: a JSONL file of meta-training pairs is required")
     if not Path(path).exists():
         raise ConfigError(f"{field_name}: {path} does not exist")
-    rows = read_jsonl(path, required=PAIR_FIELDS)
+    try:
+        rows = read_jsonl(path, required=required)
+    except ValueError as e:
+        raise ConfigError(f"{field_name}: {e}") from None
+    if not rows:
+        raise ConfigError(f"{field_name}: {path} holds no rows")
     for i, r in enumerate(rows, start=1):
         if r["object"] not in r["task"]:
             raise ConfigError(f"{path}:{i}: field 'object' {r['object']!r} does not occur in 'task'")
@@ -76,6 +83,14 @@ def make_episode_batch(tokenizer, rows: list[dict], max_length: int, task_max_le
         t.attention_mask,
         object_target_mask(t, tasks, objects, "last"),
     )
+
+
+def make_probe_batch(tokenizer, rows: list[dict], max_length: int) -> tuple[torch.Tensor, ...]:
+    """Probes (``task`` ending in ``object``) as (ids, mask (R, Tr), object mask (R, Tr-1)): the
+    retention term's known facts, shaped like an episode's tasks."""
+    tasks = [r["task"] for r in rows]
+    t = encode(tokenizer, tasks, max_length)
+    return t.input_ids, t.attention_mask, object_target_mask(t, tasks, [r["object"] for r in rows], "last")
 
 
 def require_task_objects(batch: EpisodeBatch, rows: list[dict], task_max_length: int) -> None:

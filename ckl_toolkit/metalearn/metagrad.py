@@ -7,6 +7,7 @@ directional derivative:
   1. g  = ∇θ L_in(θ; D, w)             inner gradient of the TWL on the documents (w held fixed)
   2. θ' = θ − u(g)                      one SGD or AdamW step; u is elementwise in g
   3. v  = ∇θ' L_T(θ')                   outer gradient: object-token NLL of the tasks
+                                        (+ λ·L_R(θ'), known facts' NLL, with a retention term)
   4. z  = u'(g) ⊙ v                     the step's Jacobian is diagonal
   5. d  = ∂/∂ε ℓ(θ + εz) at ε = 0       per-token losses on D along z (forward-mode AD or central differences)
   6. dL/dw_i = −(1/(B·S)) (d_i − Σ_j w_j d_j / S)   per sequence, S = Σ w + 1e-6
@@ -109,6 +110,12 @@ class MetaGradConfig:
         choices=("batched", "independent"),
     )
     normalize: bool = fld(True, "TWL per sequence Σwℓ/Σw (TAALM); false: Σwℓ/n_tokens (CaMeLS).")
+    retain_weight: float = fld(
+        0.0,
+        "λ of the retention term (beyond the paper): the outer loss becomes L_T(θ') + λ·L_R(θ'), L_R the "
+        "object-token NLL of facts the base already knows (data.retain) under the same θ', so φ also "
+        "learns what a step costs them. 0: off, the paper's objective.",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.inner, dict):  # built by hand from a mapping
@@ -118,6 +125,7 @@ class MetaGradConfig:
                 raise ConfigError(f"inner.{e}") from None
         check_choices(self)
         require(self.fd_eps > 0, "fd_eps", f"must be > 0, got {self.fd_eps}")
+        require(self.retain_weight >= 0, "retain_weight", f"must be >= 0, got {self.retain_weight}")
 
 
 @dataclass
@@ -128,6 +136,8 @@ class MetaGradOutput:
     outer_loss: float  # mean over the tasks of the object-token NLL under θ'
     inner_loss: float  # TWL on D at θ (before any step)
     outer_loss_before: float  # the same task loss at θ, for logging (nan when not asked for)
+    retain_loss: float = math.nan  # L_R under θ' (nan without a retention term)
+    retain_loss_before: float = math.nan  # L_R at θ, for logging (nan when not asked for)
 
 
 @dataclass
@@ -202,6 +212,17 @@ def outer_loss(base: nn.Module, task: tuple) -> torch.Tensor:
     """
     h = task[3] if len(task) > 3 else None
     return masked_mean_nll(_nll(base, task[0], task[1], h), task[2])
+
+
+def outer_objective(base: nn.Module, task: tuple, retain: tuple | None, weight: float):
+    """L = L_T + λ·L_R: the tasks' object NLL, plus the known facts' (``retain``, shaped like
+    ``task``) weighted by λ. Returns (L, L_T, L_R or nan) with the two parts as floats for logging.
+    """
+    loss_t = outer_loss(base, task)
+    if retain is None:
+        return loss_t, loss_t.item(), math.nan
+    loss_r = outer_loss(base, retain)
+    return loss_t + weight * loss_r, loss_t.item(), loss_r.item()
 
 
 def _doc3(doc: tuple) -> tuple:
@@ -410,11 +431,11 @@ def dl_dw_from_directional(
 # One meta-step
 
 
-def _episode(base, named, origin: Tensors, doc, w, task, cfg: MetaGradConfig, n_docs: int):
+def _episode(base, named, origin: Tensors, doc, w, task, retain, cfg: MetaGradConfig, n_docs: int):
     """One differentiated inner step on ``doc`` (one document or the whole batch) from θ = origin.
 
     Expects the parameters at origin and leaves them there (copied back exactly).
-    Returns (dL/dw rows, outer loss under θ', inner loss at θ).
+    Returns (dL/dw rows, task loss under θ', inner loss at θ, retention loss under θ' or nan).
     """
     params, inner = list(named.values()), cfg.inner
     state, point, loss_at_theta = fresh_state(inner, origin), origin, None  # point: θ of the diff. step
@@ -430,7 +451,9 @@ def _episode(base, named, origin: Tensors, doc, w, task, cfg: MetaGradConfig, n_
     apply_step(params, point, g, update, inner)  # 2. θ' = θ − u(g) − lr·wd·θ
     diag = step_jacobian_diag(inner, update, g := list(g), state)  # D = u'(g), freeing g tensor by tensor
     del g
-    loss_after, v = value_and_grad(outer_loss(base, task), params)  # 3. v = ∇L_T(θ')
+    objective, loss_after, retain_after = outer_objective(base, task, retain, cfg.retain_weight)
+    v = torch.autograd.grad(objective, params, materialize_grads=True)  # 3. v = ∇(L_T + λ·L_R)(θ')
+    del objective
     z = inner_step_direction(diag, list(v))  # 4. z = D ⊙ v
     del diag, v
     _place(params, point)
@@ -438,7 +461,7 @@ def _episode(base, named, origin: Tensors, doc, w, task, cfg: MetaGradConfig, n_
     dl_dw = dl_dw_from_directional(d, w, target_mask(doc[1]), cfg.normalize, n_docs)  # 6.
     if point is not origin:  # after warm-up steps
         _place(params, origin)
-    return dl_dw, loss_after, loss_at_theta
+    return dl_dw, loss_after, loss_at_theta, retain_after
 
 
 def meta_gradient(
@@ -452,6 +475,7 @@ def meta_gradient(
     task_obj_mask: torch.Tensor,
     cfg: MetaGradConfig,
     log_before: bool = True,
+    retain: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> MetaGradOutput:
     """The exact d(outer loss)/dw of one inner step of ``base`` on the documents.
 
@@ -467,6 +491,8 @@ def meta_gradient(
         task_obj_mask: (B, Tt-1) bool, the object tokens the outer loss scores.
         cfg: inner step, method and mode.
         log_before: also compute the task loss at θ (one more no-grad forward; only for logging).
+        retain: (ids, mask (R, Tr), objects (R, Tr-1)) known facts for the retention term, scored
+            under every episode's θ' (needs ``cfg.retain_weight`` > 0; required when it is).
 
     Returns:
         MetaGradOutput with dL_dw (B, T-1) in w's dtype.
@@ -475,6 +501,8 @@ def meta_gradient(
         raise ValueError(
             f"w must be (B, T-1) = {(doc_ids.shape[0], doc_ids.shape[1] - 1)}, got {tuple(w.shape)}"
         )
+    if (retain is None) != (cfg.retain_weight == 0):
+        raise ValueError("retain_weight > 0 needs the retention probes (retain), and retain needs it > 0")
     named = _named_params(base, params)
     if cfg.method == "central" and any(p.element_size() < 4 for p in named.values()):
         raise ValueError(
@@ -491,29 +519,34 @@ def meta_gradient(
         with contextlib.ExitStack() as stack:
             if cache is not None:  # the frozen bottom runs once; every forward below starts at layer L0
                 doc, task = (*doc, cache.hidden(*doc)), (*task, cache.hidden(*task[:2]))
+                if retain is not None:
+                    retain = (*retain, cache.hidden(*retain[:2]))
                 stack.enter_context(cache.skipping())
-            before = float("nan")
+            before = retain_before = math.nan
             if log_before:
                 with torch.no_grad():
                     before = outer_loss(base, task).item()
-            dl_dw, outer, inner = _episodes(base, named, origin, doc, w, task, cfg, n_docs)
+                    if retain is not None:
+                        retain_before = outer_loss(base, retain).item()
+            dl_dw, outer, inner, retained = _episodes(base, named, origin, doc, w, task, retain, cfg, n_docs)
     finally:
         _place(list(named.values()), origin)
         for m, training in modes.items():
             m.training = training
-    return MetaGradOutput(dl_dw.to(w.dtype), outer, inner, before)
+    return MetaGradOutput(dl_dw.to(w.dtype), outer, inner, before, retained, retain_before)
 
 
-def _episodes(base, named, origin: Tensors, doc, w, task, cfg: MetaGradConfig, n_docs: int):
-    """(dL/dw, outer loss, inner loss) of the batch: one joint step, or one per document (the paper)."""
+def _episodes(base, named, origin: Tensors, doc, w, task, retain, cfg: MetaGradConfig, n_docs: int):
+    """(dL/dw, task loss, inner loss, retention loss) of the batch: one joint step, or one per
+    document (the paper), each of those scored on every retention probe."""
     if cfg.mode == "batched":
-        return _episode(base, named, origin, doc, w, task, cfg, n_docs)
+        return _episode(base, named, origin, doc, w, task, retain, cfg, n_docs)
     rows = [
-        _episode(base, named, origin, _rows(doc, b), w[b : b + 1], _rows(task, b), cfg, n_docs)
+        _episode(base, named, origin, _rows(doc, b), w[b : b + 1], _rows(task, b), retain, cfg, n_docs)
         for b in range(n_docs)
     ]
-    outer, inner = (sum(r[i] for r in rows) / n_docs for i in (1, 2))
-    return torch.cat([r[0] for r in rows]), outer, inner
+    outer, inner, retained = (sum(r[i] for r in rows) / n_docs for i in (1, 2, 3))
+    return torch.cat([r[0] for r in rows]), outer, inner, retained
 
 
 def _rows(tensors: tuple, b: int) -> tuple:

@@ -2,6 +2,7 @@
 
     w      = φ(D)                          token weights of this rank's documents
     dL/dw  = meta_gradient(θ, D, w, T)     one weighted inner step of θ on D, the task loss under θ'
+                                           (+ λ × the known facts' loss under θ', with meta.retain_weight)
     φ     <- step on (w · stopgrad(dL/dw)).sum()
 
 The surrogate's gradient with respect to φ is the exact meta-gradient, because φ reaches the
@@ -30,6 +31,8 @@ class MetaStepResult:
     inner_loss: float  # the token-weighted loss on the documents at θ
     grad_norm: float  # φ's gradient norm before clipping (over all ranks under DeepSpeed)
     w: torch.Tensor  # (B, T-1) the token weights φ gave, detached
+    retain_loss: float = float("nan")  # known facts' object NLL under θ' (nan without retention)
+    retain_loss_before: float = float("nan")  # the same at θ (nan unless asked for)
 
 
 def meta_step(
@@ -40,6 +43,7 @@ def meta_step(
     cfg: MetaGradConfig,
     log: bool = True,
     surprise: bool = False,
+    retain: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> MetaStepResult:
     """One step of φ on this rank's episodes; θ is left exactly as found.
 
@@ -53,6 +57,7 @@ def meta_step(
             that only logging reads.
         surprise: φ also reads θ's own per-token loss on D (``ta.surprise``): one more forward of
             the base, without a graph (a constant input of φ: dL/dw is unchanged).
+        retain: known-fact probes (ids, mask, object mask) of the retention term (meta.retain_weight).
     """
     target_nll = None
     if surprise:  # what θ already predicts, before the inner step                 (B, T-1)
@@ -64,10 +69,15 @@ def meta_step(
     # 2. dL/dw from one inner step per episode (or one for the batch), this rank's episodes
     #    only: no inner step, direction or dL/dw is reduced across ranks.        (B, T-1)
     task = (batch.task_ids, batch.task_mask, batch.task_obj)
-    out = meta_gradient(base, params, batch.doc_ids, batch.doc_mask, w.detach(), *task, cfg, log_before=log)
+    out = meta_gradient(
+        base, params, batch.doc_ids, batch.doc_mask, w.detach(), *task, cfg, log_before=log, retain=retain
+    )
     # 3. The surrogate: its gradient with respect to φ is the exact meta-gradient.  scalar
     surrogate = (w * out.dL_dw).sum()
     # 4. Backward, clip, step. Under ZeRO φ's gradient is averaged over ranks, which is the mean
     #    over the global meta-batch (each rank's dL/dw carries its local 1/B); a sync point.
     grad_norm = engine.step(surrogate)
-    return MetaStepResult(out.outer_loss, out.outer_loss_before, out.inner_loss, grad_norm, w.detach())
+    return MetaStepResult(
+        out.outer_loss, out.outer_loss_before, out.inner_loss, grad_norm, w.detach(),
+        out.retain_loss, out.retain_loss_before,
+    )  # fmt: skip

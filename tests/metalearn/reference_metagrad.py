@@ -50,8 +50,9 @@ def _step(theta: dict, grads, m, v2, t: int, cfg) -> tuple[dict, list, list]:
     return new_theta, new_m, new_v2
 
 
-def reference_outer_loss(base, theta0: dict, doc, w, task, cfg: MetaGradConfig) -> torch.Tensor:
-    """The task loss under θ' as a differentiable function of w (create_graph through the step)."""
+def reference_outer_loss(base, theta0: dict, doc, w, task, cfg: MetaGradConfig, retain=None) -> torch.Tensor:
+    """The task loss under θ' as a differentiable function of w (create_graph through the step),
+    plus ``cfg.retain_weight`` × the retention probes' object NLL under the same θ' when given."""
     (doc_ids, doc_mask), (task_ids, task_mask, obj_mask) = doc, task
     tmask = target_mask(doc_mask)
     theta = {n: p.detach().clone().requires_grad_(True) for n, p in theta0.items()}
@@ -65,24 +66,37 @@ def reference_outer_loss(base, theta0: dict, doc, w, task, cfg: MetaGradConfig) 
     loss = weighted_loss(_nll(base, theta, doc_ids, doc_mask), w, tmask, cfg.normalize)
     grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)  # g(w), second order
     theta1, _, _ = _step(theta, grads, m, v2, cfg.inner.warmup_steps + 1, cfg.inner)
-    return masked_mean_nll(_nll(base, theta1, task_ids, task_mask), obj_mask)
+    loss = masked_mean_nll(_nll(base, theta1, task_ids, task_mask), obj_mask)
+    if retain is not None:
+        loss = loss + cfg.retain_weight * masked_mean_nll(_nll(base, theta1, *retain[:2]), retain[2])
+    return loss
 
 
 def reference_meta_gradient(
-    base, params: dict, doc_ids, doc_mask, w, task_ids, task_mask, task_obj_mask, cfg: MetaGradConfig
+    base,
+    params: dict,
+    doc_ids,
+    doc_mask,
+    w,
+    task_ids,
+    task_mask,
+    task_obj_mask,
+    cfg: MetaGradConfig,
+    retain=None,
 ) -> tuple[torch.Tensor, float]:
     """(dL/dw (B, T-1), outer loss) by double backward. ``w`` must require grad; base in eval mode.
 
     ``independent``: each document's step from the same θ, outer loss the mean over the tasks.
+    ``retain``: (ids, mask, objects) probes of the retention term, scored after every step.
     """
     doc, task = (doc_ids, doc_mask), (task_ids, task_mask, task_obj_mask)
     if cfg.mode == "batched":
-        loss = reference_outer_loss(base, params, doc, w, task, cfg)
+        loss = reference_outer_loss(base, params, doc, w, task, cfg, retain)
         return torch.autograd.grad(loss, w)[0], loss.item()
     n, total, grad = doc_ids.shape[0], 0.0, torch.zeros_like(w)
     for b in range(n):  # one graph at a time keeps the peak memory that of one document
         doc_b, task_b = (tuple(t[b : b + 1] for t in ts) for ts in (doc, task))
-        loss = reference_outer_loss(base, params, doc_b, w[b : b + 1], task_b, cfg) / n
+        loss = reference_outer_loss(base, params, doc_b, w[b : b + 1], task_b, cfg, retain) / n
         grad += torch.autograd.grad(loss, w)[0]
         total += loss.item()
     return grad, total

@@ -253,3 +253,31 @@ def test_surprise_phi_meta_trains_and_diagnoses(tiny_lm_dir, meta_data, tmp_path
     assert ta.surprise and ta.head.weight[0, -1] != 0  # the surprise column learned something
     records = _records(tmp_path / "run")
     assert [r["step"] for r in records if "diag_object_share" in r] == [0, 2, 4]
+
+
+def test_retention_term_scores_known_facts_and_changes_phi(tiny_lm_dir, meta_data, tmp_path):
+    known = [{"task": f"{s} works for {o}", "object": o} for s, o in (("Rome", "Italy"), ("Oslo", "Norway"))]
+    write_jsonl_atomic(tmp_path / "known.jsonl", known)
+    base = ("val.pairs=0", "val_every=0")
+    plain = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "plain", *base)))
+    retain = (f"data.retain={tmp_path / 'known.jsonl'}", "data.retain_batch_size=2", "meta.retain_weight=5")
+    extra = (*base, *retain)
+    kept = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "retain", *extra)))
+    records = _records(tmp_path / "retain")
+    assert all(r["retain_loss"] > 0 and r["retain_loss_before"] > 0 for r in records)
+    assert all(r["retain_loss"] != r["retain_loss_before"] for r in records)  # each inner step moved them
+    assert "retain_loss" not in _records(tmp_path / "plain")[0]
+    assert not states_equal(plain, kept)  # the term reached φ
+
+
+def test_retention_term_needs_its_file_and_weight(tiny_lm_dir, meta_data, tmp_path):
+    with pytest.raises(ConfigError, match="data.retain: the retention term needs both"):
+        recipe(tiny_lm_dir, meta_data, tmp_path / "run", "meta.retain_weight=1")
+    with pytest.raises(ConfigError, match="meta.retain_weight: the retention term needs both"):
+        recipe(tiny_lm_dir, meta_data, tmp_path / "run", f"data.retain={meta_data / 'val.jsonl'}")
+    known = '{"task": "Rome works for Italy", "object": "Italy"}\n{"task": "x"}\n'
+    (tmp_path / "known.jsonl").write_text(known)
+    bad = recipe(tiny_lm_dir, meta_data, tmp_path / "run", f"data.retain={tmp_path / 'known.jsonl'}",
+                 "meta.retain_weight=1")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"data.retain: .*known\.jsonl:2: missing field 'object'"):
+        meta_train(bad)

@@ -423,3 +423,59 @@ def test_prefix_cache_leaves_the_base_as_found(batch):
     meta_gradient(model, named, cfg=make_cfg("adamw", "central", "batched"), **batch)
     assert list(decoder_layers(model)[1]) == layers  # the skipped layers are back
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# The retention term: L_T(θ') + λ·L_R(θ') through the same exact meta-gradient
+
+
+@pytest.fixture(scope="module")
+def retain() -> tuple:
+    """3 known-fact probes of 7 tokens, padding in one, objects at different positions."""
+    g = torch.Generator().manual_seed(4)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[2, 5:] = 0
+    obj = torch.zeros(3, 6, dtype=torch.bool)
+    obj[0, 4:6], obj[1, 2], obj[2, 3] = True, True, True
+    return torch.randint(0, VOCAB, (3, 7), generator=g), mask, obj
+
+
+@pytest.mark.parametrize(
+    "which,optimizer,method,mode,spec",
+    [
+        ("full", "adamw", "jvp", "batched", "all"),
+        ("full", "adamw", "central", "independent", "all"),
+        ("lora", "sgd", "central", "batched", "all"),
+        ("full", "adamw", "central", "batched", "top_k_layers:1"),  # with the prefix cache
+    ],
+)
+def test_retention_term_matches_reference(models, batch, retain, which, optimizer, method, mode, spec):
+    model = models[which]
+    named = select_inner_params(model, trainable(model), spec)
+    cfg = make_cfg(optimizer, method, mode, retain_weight=0.7)
+    out = meta_gradient(model, named, cfg=cfg, retain=retain, **batch)
+    w = batch["w"].clone().requires_grad_(True)
+    ref, ref_loss = reference_meta_gradient(model, named, cfg=cfg, retain=retain, **{**batch, "w": w})
+    assert rel_err(out.dL_dw, ref) < TOL[method]
+    # the term changes dL/dw: without it the reference differs by far more than the tolerance
+    plain, _ = reference_meta_gradient(model, named, cfg=replace(cfg, retain_weight=0.0), **{**batch, "w": w})
+    assert rel_err(plain, ref) > 1e-3
+    # logged parts: L_T + λ·L_R is the objective the reference differentiated
+    assert out.outer_loss + 0.7 * out.retain_loss == pytest.approx(ref_loss, rel=1e-10)
+    with torch.no_grad():
+        before = masked_mean_nll(token_nll(model, *retain[:2]), retain[2]).item()
+    assert out.retain_loss_before == pytest.approx(before, rel=1e-12)
+    assert out.retain_loss != pytest.approx(before, rel=1e-9)  # the step moved the known facts
+
+
+def test_retention_term_needs_its_weight_and_probes(models, batch, retain):
+    model = models["full"]
+    with pytest.raises(ValueError, match="retain_weight > 0 needs the retention probes"):
+        cfg = make_cfg("sgd", "jvp", "batched", retain_weight=1.0)
+        meta_gradient(model, trainable(model), cfg=cfg, **batch)
+    with pytest.raises(ValueError, match="retain_weight"):
+        meta_gradient(model, trainable(model), cfg=make_cfg("sgd", "jvp", "batched"), retain=retain, **batch)
+    with pytest.raises(ValueError, match="retain_weight"):
+        MetaGradConfig(retain_weight=-1.0)
+    plain = meta_gradient(model, trainable(model), cfg=make_cfg("sgd", "jvp", "batched"), **batch)
+    assert math.isnan(plain.retain_loss) and math.isnan(plain.retain_loss_before)
