@@ -112,9 +112,16 @@ class MetaGradConfig:
     normalize: bool = fld(True, "TWL per sequence Σwℓ/Σw (TAALM); false: Σwℓ/n_tokens (CaMeLS).")
     retain_weight: float = fld(
         0.0,
-        "λ of the retention term (beyond the paper): the outer loss becomes L_T(θ') + λ·L_R(θ'), L_R the "
-        "object-token NLL of facts the base already knows (data.retain) under the same θ', so φ also "
-        "learns what a step costs them. 0: off, the paper's objective.",
+        "λ of the retention term (beyond the paper): the outer loss becomes L_T(θ') + λ·L_R(θ'), L_R "
+        "scored on facts the base already knows (data.retain) under the same θ', so φ also learns what "
+        "a step costs them. 0: off, the paper's objective.",
+    )
+    retain_loss: str = fld(
+        "kl",
+        "L_R: kl = KL(p_θ ‖ p_θ') of the next-token distribution at the known facts' object tokens "
+        "(any shift of what the model answers costs, also one that lowers their NLL: a step on text of "
+        "the same form lowers it while flipping answers); nll = their object-token NLL under θ'.",
+        choices=("kl", "nll"),
     )
 
     def __post_init__(self) -> None:
@@ -214,14 +221,41 @@ def outer_loss(base: nn.Module, task: tuple) -> torch.Tensor:
     return masked_mean_nll(_nll(base, task[0], task[1], h), task[2])
 
 
-def outer_objective(base: nn.Module, task: tuple, retain: tuple | None, weight: float):
-    """L = L_T + λ·L_R: the tasks' object NLL, plus the known facts' (``retain``, shaped like
-    ``task``) weighted by λ. Returns (L, L_T, L_R or nan) with the two parts as floats for logging.
+def _logits(base: nn.Module, probes: tuple) -> torch.Tensor:
+    """(R, Tr-1, V) next-token logits, at least fp32; ``probes`` = (ids, mask, objects[, cached states])."""
+    ids, mask = probes[0], probes[1]
+    h = probes[3] if len(probes) > 3 else None
+    kwargs = PrefixCache.kwargs(mask, h) if h is not None else {"input_ids": ids, "attention_mask": mask}
+    logits = base(**kwargs).logits[:, :-1]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def object_log_probs(base: nn.Module, probes: tuple) -> torch.Tensor:
+    """(N, V) log p(· | prefix) at the N object tokens of the probes (``probes[2]``, (R, Tr-1) bool)."""
+    return torch.log_softmax(_logits(base, probes)[probes[2]], dim=-1)
+
+
+def retention_loss(base: nn.Module, retain: tuple, teacher: torch.Tensor | None) -> torch.Tensor:
+    """L_R on the known facts ``retain`` (shaped like a task batch): with ``teacher`` ((N, V) log p_θ at
+    their object tokens, :func:`object_log_probs` at θ) the mean over facts of the mean KL(p_θ ‖ p_θ')
+    over each fact's object tokens; without it, their object-token NLL (:func:`outer_loss`)."""
+    if teacher is None:
+        return outer_loss(base, retain)
+    student = object_log_probs(base, retain)  # (N, V)
+    kl = (teacher.exp() * (teacher - student)).sum(dim=-1)  # (N,)
+    per_token = torch.zeros(retain[2].shape, dtype=kl.dtype, device=kl.device)
+    per_token[retain[2]] = kl  # (R, Tr-1), the KL at object tokens
+    return masked_mean_nll(per_token, retain[2])
+
+
+def outer_objective(base: nn.Module, task: tuple, retain: tuple | None, weight: float, teacher=None):
+    """L = L_T + λ·L_R: the tasks' object NLL, plus λ × the known facts' :func:`retention_loss`.
+    Returns (L, L_T, L_R or nan) with the two parts as floats for logging.
     """
     loss_t = outer_loss(base, task)
     if retain is None:
         return loss_t, loss_t.item(), math.nan
-    loss_r = outer_loss(base, retain)
+    loss_r = retention_loss(base, retain, teacher)
     return loss_t + weight * loss_r, loss_t.item(), loss_r.item()
 
 
@@ -431,7 +465,7 @@ def dl_dw_from_directional(
 # One meta-step
 
 
-def _episode(base, named, origin: Tensors, doc, w, task, retain, cfg: MetaGradConfig, n_docs: int):
+def _episode(base, named, origin: Tensors, doc, w, task, retain, teacher, cfg: MetaGradConfig, n_docs: int):
     """One differentiated inner step on ``doc`` (one document or the whole batch) from θ = origin.
 
     Expects the parameters at origin and leaves them there (copied back exactly).
@@ -451,7 +485,7 @@ def _episode(base, named, origin: Tensors, doc, w, task, retain, cfg: MetaGradCo
     apply_step(params, point, g, update, inner)  # 2. θ' = θ − u(g) − lr·wd·θ
     diag = step_jacobian_diag(inner, update, g := list(g), state)  # D = u'(g), freeing g tensor by tensor
     del g
-    objective, loss_after, retain_after = outer_objective(base, task, retain, cfg.retain_weight)
+    objective, loss_after, retain_after = outer_objective(base, task, retain, cfg.retain_weight, teacher)
     v = torch.autograd.grad(objective, params, materialize_grads=True)  # 3. v = ∇(L_T + λ·L_R)(θ')
     del objective
     z = inner_step_direction(diag, list(v))  # 4. z = D ⊙ v
@@ -523,12 +557,19 @@ def meta_gradient(
                     retain = (*retain, cache.hidden(*retain[:2]))
                 stack.enter_context(cache.skipping())
             before = retain_before = math.nan
+            teacher = None  # KL retention: what the base answers at θ, the same for every episode
+            if retain is not None and cfg.retain_loss == "kl":
+                with torch.no_grad():
+                    teacher = object_log_probs(base, retain)  # (N, V)
+                retain_before = 0.0  # KL(p_θ ‖ p_θ)
             if log_before:
                 with torch.no_grad():
                     before = outer_loss(base, task).item()
-                    if retain is not None:
+                    if retain is not None and teacher is None:
                         retain_before = outer_loss(base, retain).item()
-            dl_dw, outer, inner, retained = _episodes(base, named, origin, doc, w, task, retain, cfg, n_docs)
+            dl_dw, outer, inner, retained = _episodes(
+                base, named, origin, doc, w, task, (retain, teacher), cfg, n_docs
+            )
     finally:
         _place(list(named.values()), origin)
         for m, training in modes.items():
@@ -536,13 +577,14 @@ def meta_gradient(
     return MetaGradOutput(dl_dw.to(w.dtype), outer, inner, before, retained, retain_before)
 
 
-def _episodes(base, named, origin: Tensors, doc, w, task, retain, cfg: MetaGradConfig, n_docs: int):
+def _episodes(base, named, origin: Tensors, doc, w, task, retain: tuple, cfg: MetaGradConfig, n_docs: int):
     """(dL/dw, task loss, inner loss, retention loss) of the batch: one joint step, or one per
-    document (the paper), each of those scored on every retention probe."""
+    document (the paper), each of those scored on every retention probe. ``retain`` = (probes or
+    None, KL teacher or None)."""
     if cfg.mode == "batched":
-        return _episode(base, named, origin, doc, w, task, retain, cfg, n_docs)
+        return _episode(base, named, origin, doc, w, task, *retain, cfg, n_docs)
     rows = [
-        _episode(base, named, origin, _rows(doc, b), w[b : b + 1], _rows(task, b), retain, cfg, n_docs)
+        _episode(base, named, origin, _rows(doc, b), w[b : b + 1], _rows(task, b), *retain, cfg, n_docs)
         for b in range(n_docs)
     ]
     outer, inner, retained = (sum(r[i] for r in rows) / n_docs for i in (1, 2, 3))

@@ -68,8 +68,21 @@ def reference_outer_loss(base, theta0: dict, doc, w, task, cfg: MetaGradConfig, 
     theta1, _, _ = _step(theta, grads, m, v2, cfg.inner.warmup_steps + 1, cfg.inner)
     loss = masked_mean_nll(_nll(base, theta1, task_ids, task_mask), obj_mask)
     if retain is not None:
-        loss = loss + cfg.retain_weight * masked_mean_nll(_nll(base, theta1, *retain[:2]), retain[2])
+        loss = loss + cfg.retain_weight * _retention(base, theta0, theta1, retain, cfg.retain_loss)
     return loss
+
+
+def _retention(base, theta0: dict, theta1: dict, retain: tuple, kind: str) -> torch.Tensor:
+    """The known facts' NLL under θ', or KL(p_θ ‖ p_θ') at their object tokens, written out."""
+    ids, mask, obj = retain
+    if kind == "nll":
+        return masked_mean_nll(_nll(base, theta1, ids, mask), obj)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    with torch.no_grad():
+        p_log = torch.log_softmax(functional_call(base, theta0, args=(), kwargs=kwargs).logits[:, :-1], -1)
+    q_log = torch.log_softmax(functional_call(base, theta1, args=(), kwargs=kwargs).logits[:, :-1], -1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1) * obj.to(p_log.dtype)  # (R, Tr-1), 0 off the objects
+    return masked_mean_nll(kl, obj)
 
 
 def reference_meta_gradient(
