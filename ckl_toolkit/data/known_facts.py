@@ -7,8 +7,8 @@ inner step φ also sees the loss of a few of them, so it learns what a step cost
 
 A fact an evaluation measures retention on must not be one φ was trained to protect: every
 candidate whose ``uuid`` or ``subject`` occurs in an ``--exclude`` file is dropped before scoring
-(for LAMA-ckl: ``invariant_schematic.jsonl`` holds 436 facts outside ``invariant_descriptive.jsonl``,
-the retention set of the TemporalWiki evaluation).
+(for LAMA-ckl: 425 facts of ``invariant_schematic.jsonl`` share no uuid or subject with
+``invariant_descriptive.jsonl``, the retention set of the TemporalWiki evaluation).
 
 Written (atomically): ``{task, object, subject, relation, uuid}`` rows, the probe as ``task``.
 """
