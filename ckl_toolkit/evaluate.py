@@ -182,7 +182,7 @@ def run_lama_benchmark(recipe: EvalRecipe) -> dict:
     start = time.perf_counter()
     methods = [parse_method(m) for m in recipe.methods]
     plan = [(m, lr) for m in methods for lr in recipe.lrs_of(m.name)]
-    prints = {run_key(m.name, lr): fingerprint(recipe, m.uses_ta) for m, lr in plan}
+    prints = {run_key(m.name, lr): fingerprint(recipe, m.uses_ta, m.uses_floor) for m, lr in plan}
     setup = start_run(Path(recipe.run_dir), to_yaml(recipe), prints, recipe.threads, recipe.device)
     run_dir, device, done = setup.run_dir, setup.device, setup.done
 
@@ -331,7 +331,7 @@ def run_temporalwiki(recipe: EvalRecipe) -> dict:
     start = time.perf_counter()
     methods = [parse_method(m) for m in recipe.methods]
     plan = temporalwiki_plan(recipe, methods)
-    prints = {key: fingerprint(recipe, m.uses_ta) for m, _, _, key in plan}
+    prints = {key: fingerprint(recipe, m.uses_ta, m.uses_floor) for m, _, _, key in plan}
     setup = start_run(Path(recipe.run_dir), to_yaml(recipe), prints, recipe.threads, recipe.device)
     run_dir, done = setup.run_dir, setup.done
     data = load_data(recipe, methods)

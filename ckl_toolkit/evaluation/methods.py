@@ -54,6 +54,11 @@ class Method:
     def uses_ta(self) -> bool:
         return self.weights == "taalm"
 
+    @property
+    def uses_floor(self) -> bool:
+        """Its weights read ``weights.floor`` (uniform and RHO-1 weights ignore it)."""
+        return self.weights in ("taalm", "oracle")
+
 
 @dataclass
 class MethodSections:

@@ -46,25 +46,26 @@ def resolve_device(name: str) -> torch.device:
 NEUTRAL_NEW_FIELDS: dict[tuple[str, str], object] = {("weights", "floor"): 0.0}
 
 
-def fingerprint_fields(recipe: EvalRecipe, uses_ta: bool = True) -> dict:
+def fingerprint_fields(recipe: EvalRecipe, uses_ta: bool = True, uses_floor: bool = True) -> dict:
     """The recipe fields a finished run's numbers depend on besides its method and lr."""
     ignore = ("methods", "sweep", "lr_overrides", "progress", "threads", "title", "run_dir")
     fields = {k: v for k, v in to_dict(recipe).items() if k not in ignore}
     for (section, name), neutral in NEUTRAL_NEW_FIELDS.items():
         if fields[section].get(name) == neutral:
             fields[section] = {k: v for k, v in fields[section].items() if k != name}
-    if not uses_ta:
-        fields["weights"] = {k: v for k, v in fields["weights"].items() if k != "ta_path"}
+    unread = ({"ta_path"} if not uses_ta else set()) | ({"floor"} if not uses_floor else set())
+    fields["weights"] = {k: v for k, v in fields["weights"].items() if k not in unread}
     return fields
 
 
-def fingerprint(recipe: EvalRecipe, uses_ta: bool = True) -> str:
+def fingerprint(recipe: EvalRecipe, uses_ta: bool = True, uses_floor: bool = True) -> str:
     """What a finished run's numbers depend on besides its method and lr (not the method list).
 
-    A method without Train-Attention does not depend on ``weights.ta_path``: comparing two TA seeds
-    in two run dirs can copy the baselines' ``runs/<key>.json`` across instead of re-running them.
+    A method without Train-Attention does not depend on ``weights.ta_path``, nor one with uniform or
+    RHO-1 weights on ``weights.floor``: comparing two TA seeds (or floors) in two run dirs can copy the
+    baselines' ``runs/<key>.json`` across instead of re-running them.
     """
-    return recipe_hash(fingerprint_fields(recipe, uses_ta))
+    return recipe_hash(fingerprint_fields(recipe, uses_ta, uses_floor))
 
 
 def run_key(method: str, lr: float, epochs: int | None = None) -> str:

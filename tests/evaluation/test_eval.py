@@ -320,6 +320,12 @@ def test_a_field_added_later_leaves_finished_runs_alone_at_its_neutral_value(tmp
     floored = load_recipe(EvalRecipe, path, ["weights.floor=0.5"])
     assert fingerprint_fields(floored)["weights"]["floor"] == 0.5
     assert fingerprint(floored) != fingerprint(plain)
+    # uniform / RHO-1 weights never read the floor: a baseline's stored result serves every floor
+    assert fingerprint(floored, uses_ta=False, uses_floor=False) == fingerprint(plain, False, False)
+    assert fingerprint(floored, uses_ta=False) != fingerprint(plain, uses_ta=False)  # the oracle reads it
+    assert [m.uses_floor for m in map(parse_method, ("finetune", "rho1", "oracle", "taalm+lora"))] == [
+        False, False, True, True,
+    ]  # fmt: skip
 
 
 def test_equal_nf_view_picks_the_best_top_em_among_lrs_that_keep_nf(tmp_path, tiny_lm_dir):
