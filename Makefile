@@ -50,6 +50,22 @@ $(SMOLLM2_DIR)/conversion.json: | $(VENV)/.real
 
 real: $(SMOLLM2_DIR)/conversion.json
 
+# The TemporalWiki TA model of recipes/temporalwiki.yaml (runs/meta_temporalwiki/ta): meta-training pairs
+# from the 0801-0901 changed triples, the base's known facts for the retention term, then meta-training
+# (~8-15 min on 2 CPU cores). TW_DATA / LAMA_CKL: where the benchmark files are.
+TW_DATA ?= ../shared/data/temporalwiki
+LAMA_CKL ?= ../shared/data/lama_ckl
+
+runs/temporalwiki_data/meta_train.jsonl: | $(VENV)/.installed
+	$(BIN)/ckl data temporalwiki --path $(TW_DATA) --out runs/temporalwiki_data --force
+
+runs/temporalwiki_data/known_facts.jsonl: runs/temporalwiki_data/meta_train.jsonl | $(SMOLLM2_DIR)/conversion.json
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/ckl data known-facts --facts $(LAMA_CKL)/invariant_schematic.jsonl \
+	    --exclude $(LAMA_CKL)/invariant_descriptive.jsonl --model $(SMOLLM2_DIR) --out $@
+
+temporalwiki-ta: runs/temporalwiki_data/known_facts.jsonl
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/ckl meta-train --recipe recipes/meta_temporalwiki.yaml
+
 bench: install
 	$(BIN)/python benchmarks/bench_metastep.py
 
@@ -57,4 +73,4 @@ bench: install
 bench-memory: install real
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/bench_update_memory.py
 
-.PHONY: install demo demo-quick lint test bench bench-memory real
+.PHONY: install demo demo-quick lint test bench bench-memory real temporalwiki-ta

@@ -362,8 +362,9 @@ def _meta_paths(r) -> None:
     if r.ta.init_from:
         require_model_dir(r.ta.init_from, "ta.init_from")
     require_file(r.data.train, "data.train")
-    if r.data.val:
-        require_file(r.data.val, "data.val")
+    for name in ("val", "retain"):
+        if getattr(r.data, name):
+            require_file(getattr(r.data, name), f"data.{name}")
 
 
 @main.command("meta-train")

@@ -18,9 +18,15 @@ import yaml
 from ckl_toolkit.core.config import ConfigError
 
 HUB_PREFIX = "hf://"
-# Outputs of the project's own set-up commands (relative to a checkout): path prefix -> command.
+# Outputs of the project's own set-up commands (relative to a checkout): path prefix -> command; the
+# first matching prefix wins, so a file inside a produced directory comes before that directory.
 PRODUCERS = {
     "models/smollm2-135m": "`make real` (SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF)",
+    "runs/temporalwiki_data/known_facts.jsonl": (
+        "`ckl data known-facts --facts ../shared/data/lama_ckl/invariant_schematic.jsonl --exclude "
+        "../shared/data/lama_ckl/invariant_descriptive.jsonl --model models/smollm2-135m "
+        "--out runs/temporalwiki_data/known_facts.jsonl`"
+    ),
     "runs/temporalwiki_data": (
         "`ckl data temporalwiki --path ../shared/data/temporalwiki --out runs/temporalwiki_data`"
     ),

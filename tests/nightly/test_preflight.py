@@ -68,6 +68,14 @@ def test_the_headline_command_in_a_fresh_clone_exits_2_in_seconds_naming_what_to
     res = ckl(clone, "meta-train", "--recipe", "recipes/meta_temporalwiki.yaml")
     assert res.returncode == 2 and "data.train: runs/temporalwiki_data/meta_train.jsonl" in res.stderr
     assert "`ckl data temporalwiki --path ../shared/data/temporalwiki" in res.stderr
+    # pairs but not the retention term's known facts: `ckl data known-facts`, not data temporalwiki
+    (clone / "runs/temporalwiki_data").mkdir(parents=True)
+    (clone / "runs/temporalwiki_data/meta_train.jsonl").write_text(
+        '{"text": "a b", "task": "b", "object": "b"}\n'
+    )
+    res = ckl(clone, "meta-train", "--recipe", "recipes/meta_temporalwiki.yaml")
+    assert res.returncode == 2 and "data.retain: runs/temporalwiki_data/known_facts.jsonl" in res.stderr
+    assert "`ckl data known-facts --facts ../shared/data/lama_ckl/invariant_schematic.jsonl" in res.stderr
 
 
 def test_missing_stream_and_hub_ids_only_when_spelled_out(tmp_path, tiny_lm_dir):
