@@ -22,6 +22,9 @@ HUB_PREFIX = "hf://"
 # first matching prefix wins, so a file inside a produced directory comes before that directory.
 PRODUCERS = {
     "models/smollm2-135m": "`make real` (SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF)",
+    "runs/meta_temporalwiki/ta": (
+        "`make temporalwiki-ta` (its data, then `ckl meta-train --recipe recipes/meta_temporalwiki.yaml`)"
+    ),
     "runs/temporalwiki_data/known_facts.jsonl": (
         "`ckl data known-facts --facts ../shared/data/lama_ckl/invariant_schematic.jsonl --exclude "
         "../shared/data/lama_ckl/invariant_descriptive.jsonl --model models/smollm2-135m "

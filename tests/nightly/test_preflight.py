@@ -54,16 +54,18 @@ def test_the_headline_command_in_a_fresh_clone_exits_2_in_seconds_naming_what_to
     assert "Traceback" not in res.stderr and seconds < 15
     assert not (clone / "runs").exists()  # nothing was written
 
-    # the model is there, the TA model is not: Train-Attention (the recipe's override line) names the
-    # meta-training recipe that writes it
+    # the model is there, the TA model is not: the make target and the meta-training recipe that write it
     (clone / "models/smollm2-135m").mkdir(parents=True)
     (clone / "models/smollm2-135m/config.json").write_text("{}")
-    res = ckl(clone, "validate", "--recipe", "recipes/temporalwiki.yaml", "weights.method=taalm")
+    res = ckl(clone, "validate", "--recipe", "recipes/temporalwiki.yaml")
     assert res.returncode == 2
-    assert (
-        "weights.ta_path: runs/meta_temporalwiki/ta does not exist; `ckl meta-train --recipe " in res.stderr
+    assert "weights.ta_path: runs/meta_temporalwiki/ta does not exist; `make temporalwiki-ta`" in res.stderr
+    assert "`ckl meta-train --recipe recipes/meta_temporalwiki.yaml`) writes it" in res.stderr
+    # a TA model made by another meta recipe is still named by the recipe whose run_dir holds it
+    res = ckl(
+        clone, "validate", "--recipe", "recipes/temporalwiki.yaml", "weights.ta_path=runs/meta_smollm2/ta"
     )
-    assert "recipes/meta_temporalwiki.yaml` writes it" in res.stderr
+    assert "`ckl meta-train --recipe recipes/meta_smollm2.yaml` writes it" in res.stderr
     # and meta-training without its pairs names `ckl data temporalwiki`
     res = ckl(clone, "meta-train", "--recipe", "recipes/meta_temporalwiki.yaml")
     assert res.returncode == 2 and "data.train: runs/temporalwiki_data/meta_train.jsonl" in res.stderr
