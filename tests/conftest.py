@@ -21,6 +21,21 @@ TINY_TEXTS = [
 ] * 20
 
 
+class PerfectPredictor(torch.nn.Module):
+    """A causal LM stand-in that predicts every next token exactly (``wrong``: never): the model
+    that knows every fact, for tests of what selects known facts."""
+
+    def __init__(self, vocab: int, wrong: bool = False):
+        super().__init__()
+        self.vocab, self.wrong = vocab, wrong
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask):
+        nxt = torch.roll(input_ids, -1, dims=1) + (1 if self.wrong else 0)
+        logits = torch.nn.functional.one_hot(nxt % self.vocab, self.vocab).float()
+        return type("Out", (), {"logits": logits})
+
+
 META_PEOPLE = [
     ("Ada Lovelace", "Babbage Engines"),
     ("Alan Turing", "Bletchley Park"),

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import torch
 from click.testing import CliRunner
 
 from ckl_toolkit.cli import main as cli
 from ckl_toolkit.core.io import write_jsonl_atomic
 from ckl_toolkit.data.known_facts import drop_excluded, known_facts
 from ckl_toolkit.data.tokenizer import train_bpe_tokenizer
+from tests.conftest import PerfectPredictor
 
 FACTS = [
     {"uuid": "a", "subject": "Rome", "relation_label": "capital of", "object": "Italy",
@@ -24,19 +24,6 @@ FACTS = [
 ]  # fmt: skip
 
 
-class _Predictor(torch.nn.Module):
-    """Predicts every next token exactly (``wrong``: never)."""
-
-    def __init__(self, vocab: int, wrong: bool = False):
-        super().__init__()
-        self.vocab, self.wrong = vocab, wrong
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, attention_mask):
-        nxt = torch.roll(input_ids, -1, dims=1) + (1 if self.wrong else 0)
-        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt % self.vocab, self.vocab).float()})
-
-
 def test_excluded_uuid_or_subject_is_dropped():
     exclude = [{"uuid": "a", "subject": "Elsewhere"}, {"uuid": "z", "subject": "Lima"}]
     assert [r["uuid"] for r in drop_excluded(FACTS, exclude)] == ["b", "b"]
@@ -45,12 +32,12 @@ def test_excluded_uuid_or_subject_is_dropped():
 
 def test_known_facts_keeps_exact_answers_once_as_retention_probes():
     tok = train_bpe_tokenizer([r["task_descriptive"] for r in FACTS], 300)
-    got = known_facts(_Predictor(len(tok)), tok, FACTS, [{"uuid": "c"}], "task_descriptive")
+    got = known_facts(PerfectPredictor(len(tok)), tok, FACTS, [{"uuid": "c"}], "task_descriptive")
     assert [(r["uuid"], r["task"], r["object"], r["relation"]) for r in got] == [
         ("a", "Rome is the capital of Italy .", "Italy", "capital of"),
         ("b", "Oslo is the capital of Norway .", "Norway", "capital of"),
     ]
-    assert known_facts(_Predictor(len(tok), wrong=True), tok, FACTS, [], "task_descriptive") == []
+    assert known_facts(PerfectPredictor(len(tok), wrong=True), tok, FACTS, [], "task_descriptive") == []
 
 
 def test_cli_writes_probes_meta_training_reads_and_names_a_missing_file(tiny_lm_dir, tmp_path):

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-
 from ckl_toolkit.data.world import WorldConfig, build_world
 from ckl_toolkit.evaluation.not_to_forget import cached_selection, select_known
+from tests.conftest import PerfectPredictor
 
 
 def _world():
     cfg = WorldConfig.quick(3)
     return build_world(cfg)
-
-
-class _Oracle(torch.nn.Module):
-    """Predicts every next token perfectly (or, with ``wrong``, never)."""
-
-    def __init__(self, vocab: int, wrong: bool = False):
-        super().__init__()
-        self.vocab, self.wrong = vocab, wrong
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, input_ids, attention_mask):
-        nxt = torch.roll(input_ids, -1, dims=1) + (1 if self.wrong else 0)
-        logits = torch.nn.functional.one_hot(nxt % self.vocab, self.vocab).float()
-        return type("Out", (), {"logits": logits})
 
 
 def test_select_known_keeps_exact_matches_in_order():
@@ -33,9 +18,9 @@ def test_select_known_keeps_exact_matches_in_order():
 
     tok = train_bpe_tokenizer([r["text"] for r in world.pretrain], 300)
     rows = world.nf_candidates
-    assert select_known(_Oracle(len(tok)), tok, rows) == rows
-    assert select_known(_Oracle(len(tok)), tok, rows, limit=3) == rows[:3]
-    assert select_known(_Oracle(len(tok), wrong=True), tok, rows) == []
+    assert select_known(PerfectPredictor(len(tok)), tok, rows) == rows
+    assert select_known(PerfectPredictor(len(tok)), tok, rows, limit=3) == rows[:3]
+    assert select_known(PerfectPredictor(len(tok), wrong=True), tok, rows) == []
 
 
 def test_the_selection_is_cached_and_read_back(tmp_path):
@@ -45,6 +30,9 @@ def test_the_selection_is_cached_and_read_back(tmp_path):
     tok = train_bpe_tokenizer([r["text"] for r in world.pretrain], 300)
     rows = world.nf_candidates[:5]
     cache = tmp_path / "nf.jsonl"
-    assert cached_selection(cache, _Oracle(len(tok)), tok, rows, "task_descriptive", None) == rows
+    assert cached_selection(cache, PerfectPredictor(len(tok)), tok, rows, "task_descriptive", None) == rows
     # a second call reads the file: even a model that knows nothing gets the cached selection
-    assert cached_selection(cache, _Oracle(len(tok), wrong=True), tok, rows, "task_descriptive", None) == rows
+    assert (
+        cached_selection(cache, PerfectPredictor(len(tok), wrong=True), tok, rows, "task_descriptive", None)
+        == rows
+    )
