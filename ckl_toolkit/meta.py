@@ -8,7 +8,7 @@ The loop, per TA step (the paper's Algorithm 1 with an exact meta-gradient, ``me
 
     w      = φ(D)                             token weights of the documents, (B, T-1)
     θ'     = θ - a·∇θ TWL(θ; D, w)            one weighted inner step of the base (then undone)
-    L_T    = NLL of the task objects under θ'   (+ λ·NLL of known facts under θ': meta.retain_weight)
+    L_T    = NLL of the task objects under θ'   (+ λ·L_R of known facts under θ': meta.retain_weight)
     dL/dw  = exact, from one directional derivative (no second-order autograd)
     φ     <- AdamW step on (w · stopgrad(dL/dw)).sum()
 

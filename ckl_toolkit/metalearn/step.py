@@ -31,8 +31,8 @@ class MetaStepResult:
     inner_loss: float  # the token-weighted loss on the documents at θ
     grad_norm: float  # φ's gradient norm before clipping (over all ranks under DeepSpeed)
     w: torch.Tensor  # (B, T-1) the token weights φ gave, detached
-    retain_loss: float = float("nan")  # known facts' object NLL under θ' (nan without retention)
-    retain_loss_before: float = float("nan")  # the same at θ (nan unless asked for)
+    retain_loss: float = float("nan")  # L_R (KL or NLL) of the known facts under θ' (nan without retention)
+    retain_loss_before: float = float("nan")  # the same at θ: 0 for KL, nan for NLL unless logged
 
 
 def meta_step(

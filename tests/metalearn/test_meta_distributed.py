@@ -32,9 +32,17 @@ from tests.conftest import meta_pairs as pairs
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "metalearn" / "distributed_worker.py"
 TOLERANCE = 1e-2  # relative to the distance φ moved; see the module docstring
+# the retention term (KL on known facts after each inner step) on a partitioned base with LoRA
+RETAIN = [
+    "base.lora={r: 4}",
+    "data.retain={data}/known.jsonl",
+    "data.retain_batch_size=3",
+    "meta.retain_weight=5",
+]
 
 
 def recipe_args(tiny_lm_dir, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    extra = tuple(e.replace("{data}", str(data)) for e in extra)
     return [
         f"run_dir={run_dir}",
         f"base.path={tiny_lm_dir}",
@@ -104,8 +112,9 @@ def setup(tiny_lm_dir, tmp_path_factory):
     """Data, the initial φ and the single-process reference runs (plain torch, no DeepSpeed)."""
     tmp = tmp_path_factory.mktemp("dist")
     write_jsonl_atomic(tmp / "train.jsonl", pairs(8))
+    write_jsonl_atomic(tmp / "known.jsonl", [{"task": r["task"], "object": r["object"]} for r in pairs(4)])
     refs = {}
-    for name, extra in (("replicated", []), ("lora", ["base.lora={r: 4}"])):
+    for name, extra in (("replicated", []), ("lora", ["base.lora={r: 4}"]), ("retain", RETAIN)):
         recipe = load_recipe(MetaRecipe, None, recipe_args(tiny_lm_dir, tmp, tmp / f"ref_{name}", *extra))
         refs[name] = state_of(meta_train(recipe))
     return {"tmp": tmp, "lm": tiny_lm_dir, "refs": refs, "start": build_ta_model(tiny_lm_dir).state_dict()}
@@ -170,6 +179,23 @@ def test_two_ranks_partitioned_base_match_one_process_and_reduce_nothing(setup):
         assert report["lora"] > 0
         # and the meta-gradient gathers one layer at a time: the largest module here is the embedding
         assert report["base_peak_gathered"] < 0.5, report["base_peak_gathered"]
+
+
+@pytest.mark.distributed
+def test_two_ranks_partitioned_base_with_the_retention_term_match_one_process(setup):
+    """The KL teacher forward and the known facts' forward/backward gather shards on every rank alike."""
+    tmp = setup["tmp"]
+    partitioned = ["distributed.ds_config=zero3", "distributed.partition_base=true", *RETAIN]
+    recipe = write_recipe(tmp / "partitioned_retain.yaml", setup, "partitioned_retain", *partitioned)
+    res = run(two_ranks(WORKER, "--report", tmp / "report_r", "--recipe", recipe))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = setup["refs"]["retain"]
+    assert relative_gap(state_of(tmp / "partitioned_retain" / "ta"), ref, setup["start"]) < TOLERANCE
+    assert relative_gap(setup["refs"]["lora"], ref, setup["start"]) > 10 * TOLERANCE  # the term mattered
+    records = [
+        json.loads(line) for line in (tmp / "partitioned_retain" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(r["retain_loss"] > 0 for r in records)
 
 
 @pytest.mark.distributed
