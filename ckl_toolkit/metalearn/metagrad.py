@@ -7,7 +7,7 @@ directional derivative:
   1. g  = ∇θ L_in(θ; D, w)             inner gradient of the TWL on the documents (w held fixed)
   2. θ' = θ − u(g)                      one SGD or AdamW step; u is elementwise in g
   3. v  = ∇θ' L_T(θ')                   outer gradient: object-token NLL of the tasks
-                                        (+ λ·L_R(θ'), known facts' NLL, with a retention term)
+                                        (+ λ·L_R(θ'): known facts' KL or NLL, the retention term)
   4. z  = u'(g) ⊙ v                     the step's Jacobian is diagonal
   5. d  = ∂/∂ε ℓ(θ + εz) at ε = 0       per-token losses on D along z (forward-mode AD or central differences)
   6. dL/dw_i = −(1/(B·S)) (d_i − Σ_j w_j d_j / S)   per sequence, S = Σ w + 1e-6
