@@ -278,9 +278,10 @@ def data_known_facts(
         rows = load_retention(str(facts), probe_field, "--facts")
         excluded = [r for path in exclude for r in load_retention(str(path), probe_field, "--exclude")]
         model, tokenizer, _ = load_model(model_path)
-    known = known_facts(model, tokenizer, rows, excluded, probe_field)
+    cands = candidates(rows, excluded)
+    known = known_facts(model, tokenizer, cands, probe_field)
     write_jsonl_atomic(out, known)
-    n = len(candidates(rows, excluded))
+    n = len(cands)
     click.echo(
         f"wrote {out}: {len(known)} known facts of {n} candidates ({len(rows) - n} rows excluded or repeated)"
     )

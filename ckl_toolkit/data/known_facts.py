@@ -39,12 +39,10 @@ def candidates(rows: Sequence[dict], exclude: Sequence[dict]) -> list[dict]:
     return unique
 
 
-def known_facts(
-    model, tokenizer, rows: Sequence[dict], exclude: Sequence[dict], probe_field: str
-) -> list[dict]:
-    """The :func:`candidates` whose ``probe_field`` probe the model completes with the exact object,
-    as retention probes (file order)."""
-    known = select_known(model, tokenizer, candidates(rows, exclude), probe_field)
+def known_facts(model, tokenizer, cands: Sequence[dict], probe_field: str) -> list[dict]:
+    """The candidates (:func:`candidates`) whose ``probe_field`` probe the model completes with the
+    exact object, as retention probes (file order)."""
+    known = select_known(model, tokenizer, cands, probe_field)
     return [
         {
             "task": r[probe_field],

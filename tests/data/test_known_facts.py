@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from ckl_toolkit.cli import main as cli
 from ckl_toolkit.core.io import write_jsonl_atomic
-from ckl_toolkit.data.known_facts import drop_excluded, known_facts
+from ckl_toolkit.data.known_facts import candidates, drop_excluded, known_facts
 from ckl_toolkit.data.tokenizer import train_bpe_tokenizer
 from tests.conftest import PerfectPredictor
 
@@ -32,12 +32,15 @@ def test_excluded_uuid_or_subject_is_dropped():
 
 def test_known_facts_keeps_exact_answers_once_as_retention_probes():
     tok = train_bpe_tokenizer([r["task_descriptive"] for r in FACTS], 300)
-    got = known_facts(PerfectPredictor(len(tok)), tok, FACTS, [{"uuid": "c"}], "task_descriptive")
+    got = known_facts(PerfectPredictor(len(tok)), tok, candidates(FACTS, [{"uuid": "c"}]), "task_descriptive")
     assert [(r["uuid"], r["task"], r["object"], r["relation"]) for r in got] == [
         ("a", "Rome is the capital of Italy .", "Italy", "capital of"),
         ("b", "Oslo is the capital of Norway .", "Norway", "capital of"),
     ]
-    assert known_facts(PerfectPredictor(len(tok), wrong=True), tok, FACTS, [], "task_descriptive") == []
+    assert (
+        known_facts(PerfectPredictor(len(tok), wrong=True), tok, candidates(FACTS, []), "task_descriptive")
+        == []
+    )
 
 
 def test_cli_writes_probes_meta_training_reads_and_names_a_missing_file(tiny_lm_dir, tmp_path):
