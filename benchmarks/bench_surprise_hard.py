@@ -7,6 +7,11 @@ else is shared: world, base, meta recipe, protocol, seed. Writes one JSON under 
 
     flock /tmp/ckl/cpu.lock env OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE \\
         python benchmarks/bench_surprise_hard.py --out runs/surprise_hard     # ~5-10 min on 2 cores
+
+φ reading the whole document (``ta.echo``) with 3000 meta pairs, the surprise variant only:
+
+    python benchmarks/bench_surprise_hard.py --no-plain --meta-pairs 3000 --meta-steps 1500 \
+        --surprise-extra "ta.echo=true ta.head_bias=0 optim.lr=1e-3" --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -63,9 +68,21 @@ def main() -> None:
         "in the evidence is known, the case the surprise feature can tell apart)",
     )
     parser.add_argument(
+        "--meta-pairs",
+        type=int,
+        default=None,
+        help="meta-training pairs in the world (the preset's 200; more evidence documents to learn from, "
+        "the same facts, base and TO-LEARN facts; the evidence texts are drawn anew)",
+    )
+    parser.add_argument(
         "--eval-extra",
         default="",
         help="more overrides for every evaluation, e.g. 'optim.lr=1e-3' (the ceiling at another lr)",
+    )
+    parser.add_argument(
+        "--no-plain",
+        action="store_true",
+        help="meta-train only the surprise variant (uniform and the oracle still run, without TAALM)",
     )
     parser.add_argument("--smoke", action="store_true", help="a tiny world, base and run (seconds)")
     args = parser.parse_args()
@@ -106,6 +123,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     world = WorldConfig.hard(seed)
     if args.distractors is not None:
         world = replace(world, distractors=args.distractors)
+    if args.meta_pairs is not None:
+        world = replace(world, meta_pairs=args.meta_pairs)
     if args.smoke:
         small = dict(n_entities=40, to_learn=8, meta_pairs=16, meta_val_pairs=6, nf_candidates=16)
         world = replace(world, pretrain_passes=2, **small)
@@ -125,8 +144,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     base_dir = pretrain(world_dir, out / "base", plan.pretrain, progress=False)
     rows, timings = {}, {}
     variants = {"taalm": [], "taalm_surprise": ["ta.surprise=true", *args.surprise_extra.split()]}
-    if args.ceiling_only:
-        variants = {}
+    if args.ceiling_only or args.no_plain:
+        variants = {} if args.ceiling_only else {"taalm_surprise": variants["taalm_surprise"]}
         base_eval = load_recipe(EvalRecipe, None, plan.eval_overrides + [
             f"run_dir={out / 'eval_baselines'}", f"target.path={base_dir}", "data.kind=synthetic",
             f"data.dir={world_dir}", "methods=[finetune, oracle]", "progress=false",
@@ -199,6 +218,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     report = {
         "world": "WorldConfig.hard",
         "distractors": world.distractors,
+        "meta_pairs": world.meta_pairs,
         "seed": seed,
         "meta_steps": args.meta_steps,
         "surprise_extra": args.surprise_extra,

@@ -275,7 +275,10 @@ def meta_train(recipe: MetaRecipe) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(recipe.base.path)
     base, params = load_base(recipe, ctx)
     ta = build_ta_model(
-        recipe.ta.init_from or recipe.base.path, recipe.ta.num_layers, surprise=recipe.ta.surprise
+        recipe.ta.init_from or recipe.base.path,
+        recipe.ta.num_layers,
+        surprise=recipe.ta.surprise,
+        echo=recipe.ta.echo,
     ).train()
     trainable = configure_ta_training(ta, recipe.ta.train, recipe.ta.head_bias, recipe.ta.surprise_prior)
     optimizer = build_optimizer(list(trainable.values()), recipe.optim)

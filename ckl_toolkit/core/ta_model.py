@@ -31,11 +31,14 @@ class TrainAttentionModel(nn.Module):
     With ``surprise``, the head also reads log(1 + ℓ_t), the target model's own loss on token x_t
     (label-free: the model's NLL of the text it is about to learn), so tokens the model already
     predicts can get low weight; the trunk alone cannot know what the target knows.
+
+    With ``echo``, the trunk reads each document twice and the head reads each token's second copy,
+    whose causal state has seen the whole document (:func:`echo_layout`).
     """
 
-    def __init__(self, trunk: nn.Module, hidden_size: int, surprise: bool = False):
+    def __init__(self, trunk: nn.Module, hidden_size: int, surprise: bool = False, echo: bool = False):
         super().__init__()
-        self.trunk, self.hidden_size, self.surprise = trunk, hidden_size, surprise
+        self.trunk, self.hidden_size, self.surprise, self.echo = trunk, hidden_size, surprise, echo
         self.head = nn.Linear(hidden_size + int(surprise), 1)
         # Weight 0 and bias 4: every token starts at the same weight, sigma(4).
         nn.init.zeros_(self.head.weight)
@@ -58,10 +61,14 @@ class TrainAttentionModel(nn.Module):
         ``target_nll`` (B, T-1): the target model's per-token loss (``token_nll``), needed with
         ``surprise``; its entry t-1 (the loss of x_t) joins position t's hidden state.
         """
-        inputs = model_inputs(input_ids, attention_mask, position_ids)
-        if position_ids is not None:  # transformers reads packed positions only without a KV cache
-            inputs["use_cache"] = False
-        hidden = self.trunk(**inputs).last_hidden_state.to(self.head.weight.dtype)  # (B, T, H)
+        if self.echo:
+            hidden = self._echo_hidden(input_ids, attention_mask, position_ids)  # (B, T, H)
+        else:
+            inputs = model_inputs(input_ids, attention_mask, position_ids)
+            if position_ids is not None:  # transformers reads packed positions only without a KV cache
+                inputs["use_cache"] = False
+            hidden = self.trunk(**inputs).last_hidden_state
+        hidden = hidden.to(self.head.weight.dtype)
         if self.surprise:
             if target_nll is None:
                 raise ValueError(
@@ -71,6 +78,66 @@ class TrainAttentionModel(nn.Module):
             s = torch.cat([s.new_zeros(s.shape[0], 1), s], dim=1)  # (B, T): position t <- loss of x_t
             hidden = torch.cat([hidden, s.unsqueeze(-1)], dim=-1)  # (B, T, H+1)
         return torch.sigmoid(self.head(hidden).squeeze(-1))  # (B, T)
+
+    def _echo_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The trunk's states at each token's second copy, every document read twice in a row.
+
+        A causal trunk's state at x_t has read only x_{<=t}; in "D D" the second copy of x_t has read
+        all of D, so its weight can depend on what the document says later (an echo embedding).
+        """
+        index, echo_pos, take = echo_layout(attention_mask, position_ids)  # (B, 2T), (B, 2T), (B, T)
+        limit = getattr(self.trunk.config, "max_position_embeddings", None)
+        if limit is not None and int(echo_pos.max()) >= limit:
+            raise ValueError(
+                f"ta.echo: a document of {(int(echo_pos.max()) + 1) // 2} tokens is read as "
+                f"{int(echo_pos.max()) + 1}, beyond the TA trunk's max_position_embeddings={limit}; "
+                "shorten the documents (data.max_length) or train φ without ta.echo"
+            )
+        ids = input_ids.gather(1, index)  # (B, 2T)
+        out = self.trunk(input_ids=ids, attention_mask=None, position_ids=echo_pos, use_cache=False)
+        hidden = out.last_hidden_state  # (B, 2T, H)
+        return hidden.gather(1, take.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, T, H)
+
+
+def echo_layout(
+    attention_mask: torch.Tensor, position_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows with every document written twice, as packed rows: ``D1 D1 D2 D2 ... pad``.
+
+    Args:
+        attention_mask: (B, T), padding at the end of each row.
+        position_ids: (B, T) packed rows' per-document positions (None: one document per row).
+
+    Returns:
+        index: (B, 2T) the source column of each echo token (gather the ids with it).
+        positions: (B, 2T) echo positions: 0..2n-1 per document, so transformers keeps each document
+            (both copies) to itself; the padding tail is one more "document".
+        take: (B, T) the echo column of each source token's second copy (padding: its own column).
+    """
+    B, T = attention_mask.shape
+    device = attention_mask.device
+    index = torch.zeros(B, 2 * T, dtype=torch.long, device=device)
+    positions = torch.zeros(B, 2 * T, dtype=torch.long, device=device)
+    take = torch.arange(T, device=device).repeat(B, 1)
+    lengths = attention_mask.long().sum(1).tolist()
+    for b, n in enumerate(lengths):
+        starts = [0] if position_ids is None else (position_ids[b, :n] == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0] + starts
+        col = 0
+        for s, e in zip(starts, starts[1:] + [n]):
+            src = torch.arange(s, e, device=device)  # one document's columns
+            m = e - s
+            index[b, col : col + 2 * m] = src.repeat(2)
+            positions[b, col : col + 2 * m] = torch.arange(2 * m, device=device)
+            take[b, s:e] = torch.arange(col + m, col + 2 * m, device=device)
+            col += 2 * m
+        index[b, col:] = max(n - 1, 0)  # padding: any real id; nothing real attends to it (it comes last)
+        positions[b, col:] = torch.arange(2 * T - col, device=device)
+        take[b, n:] = torch.arange(col, col + T - n, device=device)
+    return index, positions, take
 
 
 def _truncated_config(model_dir: str | os.PathLike, num_layers: int | None, attn_implementation: str | None):
@@ -95,6 +162,7 @@ def build_ta_model(
     attn_implementation: str | None = "sdpa",
     dtype: torch.dtype = torch.float32,
     surprise: bool = False,
+    echo: bool = False,
 ) -> TrainAttentionModel:
     """Build φ from any HF causal-LM directory, keeping its first ``num_layers`` layers (all if None).
 
@@ -103,7 +171,7 @@ def build_ta_model(
     """
     config = _truncated_config(model_dir, num_layers, attn_implementation)
     trunk = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)
-    return TrainAttentionModel(trunk, config.hidden_size, surprise).to(dtype)
+    return TrainAttentionModel(trunk, config.hidden_size, surprise, echo).to(dtype)
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -125,6 +193,7 @@ def save_ta_model(
             "trunk_config": model.trunk.config.to_dict(),
             "hidden_size": model.hidden_size,
             "surprise": model.surprise,
+            "echo": model.echo,
             "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
             "recipe_hash": recipe_hash,
         }
@@ -150,7 +219,9 @@ def load_ta_model(
     if attn_implementation:
         config._attn_implementation = attn_implementation
     trunk = AutoModel.from_config(config, dtype=dtype)
-    model = TrainAttentionModel(trunk, sidecar["hidden_size"], bool(sidecar.get("surprise", False))).to(dtype)
+    model = TrainAttentionModel(
+        trunk, sidecar["hidden_size"], bool(sidecar.get("surprise", False)), bool(sidecar.get("echo", False))
+    ).to(dtype)
     load_model(model, str(ta_dir / "model.safetensors"), strict=True)
     return model
 

@@ -32,6 +32,11 @@ class TASpec:
         "φ also reads the target's own per-token loss log(1+ℓ) beside its hidden states, so tokens the "
         "model already predicts can get low weight (label-free; one more base forward per step).",
     )
+    echo: bool = fld(
+        False,
+        "φ reads each document twice (D D) and weights each token from its second copy, so a weight "
+        "can depend on the whole document, not only on what precedes the token (twice φ's tokens).",
+    )
     surprise_prior: float = fld(
         0.0,
         "With surprise: the head's initial weight on log(1+ℓ). 0 starts uniform; > 0 with a negative "

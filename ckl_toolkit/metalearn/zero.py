@@ -179,7 +179,8 @@ def consolidated_ta(engine, ta: TrainAttentionModel) -> TrainAttentionModel | No
     state = {key: t.detach().clone() for key, t in state.items()}
     state = merge_lora_state(state, ta)  # ta.train=lora: saved and exported merged, a plain TA model
     with torch.device("meta"):
-        copy = TrainAttentionModel(AutoModel.from_config(ta.trunk.config), ta.hidden_size, ta.surprise)
+        trunk = AutoModel.from_config(ta.trunk.config)
+        copy = TrainAttentionModel(trunk, ta.hidden_size, ta.surprise, ta.echo)
     copy.load_state_dict(state, assign=True, strict=True)
     for name, buf in ta.named_buffers():  # non-persistent buffers (rotary tables) are not in a state dict
         owner, _, leaf = plain_name(name).rpartition(".")

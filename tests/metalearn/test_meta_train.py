@@ -255,6 +255,15 @@ def test_surprise_phi_meta_trains_and_diagnoses(tiny_lm_dir, meta_data, tmp_path
     assert [r["step"] for r in records if "diag_object_share" in r] == [0, 2, 4]
 
 
+def test_echo_phi_meta_trains_and_saves_its_reading(tiny_lm_dir, meta_data, tmp_path):
+    """ta.echo: φ reads each document twice while it trains, and the saved TA model keeps doing so."""
+    base = ("val.pairs=0", "val_every=0", "ta.head_bias=0")
+    causal = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "causal", *base)))
+    echo = load_ta_model(meta_train(recipe(tiny_lm_dir, meta_data, tmp_path / "echo", *base, "ta.echo=true")))
+    assert echo.echo and not causal.echo
+    assert not states_equal(causal, echo)  # the same data and seed: only the reading differs
+
+
 def test_retention_term_scores_known_facts_and_changes_phi(tiny_lm_dir, meta_data, tmp_path):
     known = [{"task": f"{s} works for {o}", "object": o} for s, o in (("Rome", "Italy"), ("Oslo", "Norway"))]
     write_jsonl_atomic(tmp_path / "known.jsonl", known)
