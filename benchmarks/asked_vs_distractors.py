@@ -1,0 +1,99 @@
+"""Does φ tell the asked new fact from the distractors? (the hard world, ``ckl data synth --hard``)
+
+For each TO-LEARN evidence document of a bench_surprise_hard.py run: φ's mean weight on the asked
+object's tokens against each distractor object's; counts the documents where the asked object is
+above both, and the asked object's share of φ's total weight. Prints one line per TA model.
+
+    python benchmarks/asked_vs_distractors.py RUN [TA_DIR ...]     # RUN holds world/ and base/
+
+``--fit-mask STEPS``: instead, fit a fresh φ (the base's trunk, ``--echo`` or causal) to the asked
+object's tokens of RUN's meta pairs by binary cross-entropy for STEPS steps -- supervised, not
+label-free -- and measure it the same way: whether φ can represent the rule from those pairs at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ckl_toolkit.core.losses import token_nll  # noqa: E402
+from ckl_toolkit.core.ta_model import TrainAttentionModel, build_ta_model, load_ta_model  # noqa: E402
+from ckl_toolkit.core.text import char_spans, encode  # noqa: E402
+from ckl_toolkit.metalearn.episodes import make_episode_batch  # noqa: E402
+
+
+def token_ids_of(offsets: list[tuple[int, int]], text: str, obj: str) -> list[int]:
+    """Positions of the tokens overlapping the first occurrence of ``obj`` in ``text``."""
+    start, end = char_spans(text, obj, "first")[0]
+    return [k for k, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+
+
+@torch.no_grad()
+def measure(ta: TrainAttentionModel, base, tok, rows: list[dict]) -> dict:
+    wins, share = 0, []
+    for r in rows:
+        enc = encode(tok, [r["evidence"]], 4096)
+        nll = token_nll(base, enc.input_ids, enc.attention_mask) if ta.surprise else None
+        w = ta(enc.input_ids, enc.attention_mask, None, nll)[0]  # (T,)
+        asked, *distractors = [token_ids_of(enc.offsets[0], r["evidence"], o) for o in r["new_objects"]]
+        wins += int(all(w[asked].mean() > w[d].mean() for d in distractors))
+        share.append((w[asked].sum() / w[1:].sum()).item())
+    return {"asked_above_distractors": wins, "documents": len(rows), "asked_share": sum(share) / len(share)}
+
+
+def fit_mask(run: Path, tok, echo: bool, steps: int, seed: int) -> TrainAttentionModel:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    ta = build_ta_model(run / "base", echo=echo).train()
+    with torch.no_grad():
+        ta.head.bias.zero_()
+    opt = torch.optim.AdamW(ta.parameters(), lr=1e-3)
+    pairs = [json.loads(x) for x in (run / "world" / "meta_train.jsonl").read_text().splitlines()]
+    for _ in range(steps):
+        b = make_episode_batch(tok, rng.sample(pairs, 16), 256, 64)
+        w = ta(b.doc_ids, b.doc_mask)[:, 1:]  # (B, T-1)
+        real, y = b.doc_mask[:, 1:].bool(), b.doc_obj.float()
+        loss = F.binary_cross_entropy(w[real], y[real], weight=1 + 20 * y[real])  # objects are rare
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ta.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", type=Path)
+    parser.add_argument("ta_dirs", nargs="*", type=Path)
+    parser.add_argument("--fit-mask", type=int, default=0, metavar="STEPS")
+    parser.add_argument("--echo", action="store_true", help="with --fit-mask: φ reads each document twice")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    tok = AutoTokenizer.from_pretrained(args.run / "base")
+    base = AutoModelForCausalLM.from_pretrained(args.run / "base").eval()
+    rows = [json.loads(x) for x in (args.run / "world" / "to_learn.jsonl").read_text().splitlines()]
+    if "new_objects" not in rows[0]:
+        raise SystemExit(
+            f"{args.run / 'world' / 'to_learn.jsonl'}: no field 'new_objects' (a world without distractors)"
+        )
+    models = {str(d): load_ta_model(d).eval() for d in args.ta_dirs}
+    if args.fit_mask:
+        models[f"fit-mask {'echo' if args.echo else 'causal'}"] = fit_mask(
+            args.run, tok, args.echo, args.fit_mask, args.seed
+        )
+    for name, ta in models.items():
+        print(json.dumps({"ta": name, **measure(ta, base, tok, rows)}))
+
+
+if __name__ == "__main__":
+    main()
