@@ -11,7 +11,8 @@ else is shared: world, base, meta recipe, protocol, seed. Writes one JSON under 
 φ reading the whole document (``ta.echo``) with 3000 meta pairs, the surprise variant only:
 
     python benchmarks/bench_surprise_hard.py --no-plain --meta-pairs 3000 --meta-steps 1500 \
-        --surprise-extra "ta.echo=true ta.head_bias=0 optim.lr=1e-3" --seeds 0 1 2 3 4
+        --surprise-extra "ta.echo=true ta.head_bias=0 optim.lr=1e-3" --seeds 0 1 2 3 4 \
+        --out runs/hard_echo --result benchmarks/results/surprise_hard_echo.json
 """
 
 from __future__ import annotations
