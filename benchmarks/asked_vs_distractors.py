@@ -27,14 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ckl_toolkit.core.losses import token_nll  # noqa: E402
 from ckl_toolkit.core.ta_model import TrainAttentionModel, build_ta_model, load_ta_model  # noqa: E402
-from ckl_toolkit.core.text import char_spans, encode  # noqa: E402
+from ckl_toolkit.core.text import char_spans, encode, token_mask_for_spans  # noqa: E402
 from ckl_toolkit.metalearn.episodes import make_episode_batch  # noqa: E402
-
-
-def token_ids_of(offsets: list[tuple[int, int]], text: str, obj: str) -> list[int]:
-    """Positions of the tokens overlapping the first occurrence of ``obj`` in ``text``."""
-    start, end = char_spans(text, obj, "first")[0]
-    return [k for k, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
 
 
 @torch.no_grad()
@@ -44,7 +38,10 @@ def measure(ta: TrainAttentionModel, base, tok, rows: list[dict]) -> dict:
         enc = encode(tok, [r["evidence"]], 4096)
         nll = token_nll(base, enc.input_ids, enc.attention_mask) if ta.surprise else None
         w = ta(enc.input_ids, enc.attention_mask, None, nll)[0]  # (T,)
-        asked, *distractors = [token_ids_of(enc.offsets[0], r["evidence"], o) for o in r["new_objects"]]
+        asked, *distractors = [  # (T,) bool: the tokens of each new object's first occurrence
+            token_mask_for_spans(enc.offsets[0], enc.attention_mask[0], char_spans(r["evidence"], o, "first"))
+            for o in r["new_objects"]
+        ]
         wins += int(all(w[asked].mean() > w[d].mean() for d in distractors))
         share.append((w[asked].sum() / w[1:].sum()).item())
     return {"asked_above_distractors": wins, "documents": len(rows), "asked_share": sum(share) / len(share)}

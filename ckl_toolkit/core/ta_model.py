@@ -89,10 +89,11 @@ class TrainAttentionModel(nn.Module):
         """
         index, echo_pos, take = echo_layout(attention_mask, position_ids)  # (B, 2T), (B, 2T), (B, T)
         limit = getattr(self.trunk.config, "max_position_embeddings", None)
-        if limit is not None and int(echo_pos.max()) >= limit:
+        longest = int(echo_pos.max()) + 1  # the longest echoed document, 2n tokens
+        if limit is not None and longest > limit:
             raise ValueError(
-                f"ta.echo: a document of {(int(echo_pos.max()) + 1) // 2} tokens is read as "
-                f"{int(echo_pos.max()) + 1}, beyond the TA trunk's max_position_embeddings={limit}; "
+                f"ta.echo: a document of {longest // 2} tokens is read as {longest}, beyond the TA "
+                f"trunk's max_position_embeddings={limit}; "
                 "shorten the documents (data.max_length) or train φ without ta.echo"
             )
         ids = input_ids.gather(1, index)  # (B, 2T)
