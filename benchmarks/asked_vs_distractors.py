@@ -39,7 +39,7 @@ def measure(ta: TrainAttentionModel, base, tok, rows: list[dict]) -> dict:
         nll = token_nll(base, enc.input_ids, enc.attention_mask) if ta.surprise else None
         w = ta(enc.input_ids, enc.attention_mask, None, nll)[0]  # (T,)
         asked, *distractors = [  # (T,) bool: the tokens of each new object's first occurrence
-            token_mask_for_spans(enc.offsets[0], enc.attention_mask[0], char_spans(r["evidence"], o, "first"))
+            token_mask_for_spans(enc.offsets[0], enc.attention_mask[0], char_spans(r["evidence"], o)[:1])
             for o in r["new_objects"]
         ]
         wins += int(all(w[asked].mean() > w[d].mean() for d in distractors))
