@@ -114,7 +114,8 @@ def echo_layout(
     Returns:
         index: (B, 2T) the source column of each echo token (gather the ids with it).
         positions: (B, 2T) echo positions: 0..2n-1 per document, so transformers keeps each document
-            (both copies) to itself; the padding tail is one more "document".
+            (both copies) to itself; every padding token is at position 0, a "document" of its own, so
+            the padding never lengthens what the position limit sees.
         take: (B, T) the echo column of each source token's second copy (padding: its own column).
     """
     B, T = attention_mask.shape
@@ -136,7 +137,6 @@ def echo_layout(
             take[b, s:e] = torch.arange(col + m, col + 2 * m, device=device)
             col += 2 * m
         index[b, col:] = max(n - 1, 0)  # padding: any real id; nothing real attends to it (it comes last)
-        positions[b, col:] = torch.arange(2 * T - col, device=device)
         take[b, n:] = torch.arange(col, col + T - n, device=device)
     return index, positions, take
 

@@ -109,3 +109,8 @@ def test_echo_names_the_position_limit(tiny_lm_dir):
     with pytest.raises(ValueError, match="ta.echo: a document of 300 tokens is read as 600.*max_length"):
         ta(ids, torch.ones_like(ids))
     assert ta(ids[:, :256], torch.ones_like(ids[:, :256])).shape == (1, 256)
+    # short documents in long padded rows are not long documents: the padding does not count
+    mask = torch.zeros(2, 300, dtype=torch.long)
+    mask[0, :10], mask[1, :8] = 1, 1
+    short = ta(ids.repeat(2, 1), mask)
+    torch.testing.assert_close(short[0, :10], ta(ids[:, :10], torch.ones_like(ids[:, :10]))[0])
