@@ -68,24 +68,26 @@ class ProtocolResult:
         }
 
 
-def check_rows(rows: list[dict], name: str, probe_field: str, training: bool) -> None:
-    """Every fact has its object and probe (and, when trained on, its evidence); errors name the row."""
+def check_rows(rows: list[dict], name: str, probe_field: str, training: bool, why: str = "") -> None:
+    """Every fact has its object and probe (and, when trained on, its evidence); errors name the row
+    (and ``why``: the setting that asks for the field)."""
     for i, r in enumerate(rows):
         for f in ("evidence", "object", probe_field) if training else ("object", probe_field):
             if f not in r:
-                raise ConfigError(f"{name} row {i}: missing field '{f}'")
+                raise ConfigError(f"{name} row {i}: missing field '{f}'" + (f" ({why})" if why else ""))
 
 
-def evidence_documents(rows: list[dict], source: str) -> list[Document]:
-    """LAMA-ckl rows as training documents: the evidence text, the object kept for the oracle (and,
-    in a world with distractors, ``new_objects``: every new fact's object, for ``weights.object_field``)."""
+def evidence_documents(rows: list[dict], source: str, object_field: str = "object") -> list[Document]:
+    """LAMA-ckl rows as training documents: the evidence text, the object kept for the oracle (and
+    the field ``weights.object_field`` names, e.g. ``new_objects`` in a world with distractors: every
+    new fact's object)."""
     return [
         Document(
             str(r.get("uuid") or r.get("id") or f"{source}/{i}"),
             r["evidence"],
             source,
             i,
-            {k: r[k] for k in ("object", "new_objects") if r.get(k)},
+            {k: r[k] for k in dict.fromkeys(("object", object_field)) if r.get(k)},
         )  # fmt: skip
         for i, r in enumerate(rows, start=1)
     ]
@@ -134,8 +136,10 @@ def run_lama_ckl(
     """
     check_rows(to_learn, "TO-LEARN", probe_field, training=True)
     check_rows(not_to_forget, "NOT-TO-FORGET", probe_field, training=False)
+    if getattr(learner.weigher, "name", None) == "oracle":  # a row without its field would train on nothing
+        check_rows(to_learn, "TO-LEARN", learner.object_field, training=False, why="weights.object_field")
     start = time.perf_counter()
-    docs, model = evidence_documents(to_learn, "to_learn"), learner.target.model
+    docs, model = evidence_documents(to_learn, "to_learn", learner.object_field), learner.target.model
     guard = NonFiniteGuard(max_consecutive=3)
     result = ProtocolResult()
 

@@ -204,6 +204,34 @@ def test_oracle_puts_all_weight_on_object_tokens(tiny_lm_dir):
     assert torch.equal(w.bool(), obj) and (w[obj] == 1).all() and w[~obj].sum() == 0
 
 
+def test_oracle_weights_the_field_weights_object_field_names(tiny_lm_dir):
+    """weights.object_field reaches the protocol's documents (any field, not only object/new_objects);
+    a row without it is an error naming the row and the setting, not a run that trains on nothing."""
+    learner, mix = _setup(tiny_lm_dir, "oracle")
+    learner.object_field = "picked"
+    rows = [{**r, "picked": "Paris"} for r in TO_LEARN]  # the filler's city, not the asked object
+    weighted: list[str] = []
+    weigher = learner.weigher
+
+    class Recording:  # the oracle's own weigher, recording the objects each batch carries
+        name, needs_text = weigher.name, True
+
+        def weights(self, batch, nll):
+            weighted.extend(o for objects in batch.objects for o in objects)
+            return weigher.weights(batch, nll)
+
+        def loss(self, *a):
+            return weigher.loss(*a)
+
+    learner.weigher = Recording()
+    run_lama_ckl(learner, rows, [], 1, BatchSpec(batch_size=4), mix, progress=False)
+    assert weighted == ["Paris"] * len(rows)
+
+    learner.weigher = weigher
+    with pytest.raises(ConfigError, match=r"TO-LEARN row 1: missing field 'picked' \(weights.object_field\)"):
+        run_lama_ckl(learner, rows[:1] + TO_LEARN[1:], [], 1, BatchSpec(batch_size=4), mix, progress=False)
+
+
 def test_rho1_keeps_exactly_the_top_excess_loss_tokens(tiny_lm_dir):
     learner, _ = _setup(tiny_lm_dir, "rho1")
     weigher = learner.weigher
