@@ -876,6 +876,13 @@ def report_cmd(run_dir: Path, out_dir: Path | None, metric: str) -> None:
     default=None,
     help="Tokenizer directory, if the TA directory has none.",
 )
+@click.option(
+    "--target",
+    "target_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="The target model (HF directory) whose per-token loss a TA model with ta.surprise reads.",
+)
 def weights_cmd(
     ta_dir: Path,
     text: str | None,
@@ -886,12 +893,14 @@ def weights_cmd(
     scale: str,
     max_length: int,
     tokenizer_dir: Path | None,
+    target_dir: Path | None,
 ) -> None:
     """Show a Train-Attention model's token weights as a heatmap (terminal, and --html OUT.html)."""
     from ckl_toolkit.core.io import write_text_atomic
     from ckl_toolkit.evaluation.heatmap import (
         InputError,
         load_ta,
+        load_target,
         read_documents,
         render_ansi,
         render_html,
@@ -905,8 +914,11 @@ def weights_cmd(
     with _user_errors(InputError, FileNotFoundError):
         docs, more = ([("", text)], False) if text is not None else read_documents(file, limit)
         ta, tokenizer = load_ta(ta_dir, tokenizer_dir)
+        target = load_target(ta, ta_dir, tokenizer, target_dir)
+    if target_dir is not None and target is None:
+        click.echo(f"note: --target unused: {ta_dir} does not read the target's loss (no ta.surprise)")
     titles = [title or None for title, _ in docs]
-    weights = token_weights(ta, tokenizer, [body for _, body in docs], max_length)
+    weights = token_weights(ta, tokenizer, [body for _, body in docs], max_length, target)
     if color is None:
         color = bool(getattr(sys.stdout, "isatty", lambda: False)())
     # color=True: click would strip the codes when piped, leaving text without its weights.

@@ -54,14 +54,18 @@ def _pieces(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]]
     return pieces
 
 
-def token_weights(ta, tokenizer, texts: Sequence[str], max_length: int = 1024) -> list[TokenWeights]:
+def token_weights(
+    ta, tokenizer, texts: Sequence[str], max_length: int = 1024, target=None
+) -> list[TokenWeights]:
     """Every token of every text with the TA model's output at its position.
 
     Documents run one at a time, unpadded, so each value is exactly what ``ta(input_ids, mask)``
-    gives for that document alone (no padding side or position-id subtleties).
+    gives for that document alone (no padding side or position-id subtleties). A TA model with the
+    surprise feature also reads ``target``'s per-token loss on the same tokens, as in training.
     """
     import torch
 
+    from ckl_toolkit.core.losses import token_nll
     from ckl_toolkit.core.text import encode
 
     ta.eval()
@@ -69,8 +73,10 @@ def token_weights(ta, tokenizer, texts: Sequence[str], max_length: int = 1024) -
     docs = []
     for text in texts:
         enc = encode(tokenizer, [text], max_length)
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
         with torch.no_grad():
-            w = ta(enc.input_ids.to(device), enc.attention_mask.to(device))[0].float().cpu().tolist()
+            nll = token_nll(target, ids, mask) if ta.surprise else None  # (1, T-1)
+            w = ta(ids, mask, None, nll)[0].float().cpu().tolist()
         ids = enc.input_ids[0].tolist()
         docs.append(list(zip(_pieces(tokenizer, text, ids, enc.offsets[0]), w)))
     return docs
@@ -376,3 +382,35 @@ def load_ta(ta_dir: Path, tokenizer_dir: Path | None):
             f"({ta.config.vocab_size}); it is not the TA model's tokenizer"
         )
     return ta, tokenizer
+
+
+def load_target(ta, ta_dir: Path, tokenizer, target_dir: Path | None):
+    """The target model a surprise TA model reads the per-token loss of (None for any other TA model).
+
+    Raises:
+        InputError: a surprise TA model without ``target_dir``, a target that cannot be loaded, or one
+            whose tokenizer is not the TA model's (its losses would sit on other tokens).
+    """
+    if not ta.surprise:
+        return None
+    if target_dir is None:
+        raise InputError(
+            f"{ta_dir}: this TA model reads the target's per-token loss (meta-trained with "
+            "ta.surprise=true): pass --target DIR, the model it weighs for (the meta-training base)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ckl_toolkit.core.ta_model import tokenizer_identity
+
+    try:
+        target_tokenizer = AutoTokenizer.from_pretrained(target_dir)
+        target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    except (OSError, ValueError) as e:
+        raise InputError(f"{target_dir}: cannot load the target model (--target): {e}") from None
+    mine, theirs = tokenizer_identity(tokenizer), tokenizer_identity(target_tokenizer)
+    if mine["vocab_sha256_16"] != theirs["vocab_sha256_16"]:
+        raise InputError(
+            f"{target_dir}: its tokenizer is not the TA model's ({ta_dir}); a surprise TA model reads the "
+            "target's loss token by token, so both must tokenize alike"
+        )
+    return target

@@ -221,3 +221,47 @@ def test_a_near_flat_ta_is_called_so_and_minmax_never_claims_0_to_1():
     assert "lowest weight" in page and "weights only span [0.981, 0.984]" in page
     sharp = [("<bos>", 0.5), ("The", 0.05), (" river", 0.1), (" Seine", 0.97)]
     assert "near-flat" not in render_ansi([sharp], color=True) + render_html([sharp])
+
+
+def test_a_surprise_ta_reads_the_targets_loss_given_by_target(tiny_lm_dir, tmp_path):
+    """A TA model meta-trained with ta.surprise weighs by the target's per-token loss: `ckl weights`
+    computes it with --target (as training does), and says what is missing without it."""
+    from transformers import AutoModelForCausalLM
+
+    from ckl_toolkit.core.losses import token_nll
+    from tests.conftest import build_tiny_lm_dir
+
+    tokenizer = load_ta_tokenizer(tiny_lm_dir)
+    target = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    enc = tokenizer(TEXT, return_tensors="pt")
+    with torch.no_grad():
+        s = torch.log1p(token_nll(target, enc["input_ids"], enc["attention_mask"])[0])  # (T-1,)
+    # The head reads only the surprise input, steeply around its mean (a random target's losses all sit
+    # near log(vocab)): w_t = sigmoid(100 * (log(1 + loss of x_t) - mean)).
+    ta = build_ta_model(tiny_lm_dir, num_layers=1, surprise=True).eval()
+    with torch.no_grad():
+        ta.head.weight.zero_()
+        ta.head.weight[0, -1] = 100.0
+        ta.head.bias.fill_(-100.0 * s.mean().item())
+    ta_dir = save_ta_model(ta, tmp_path / "ta", tokenizer)
+    expected = torch.sigmoid(100.0 * (s - s.mean())).tolist()
+    got = [w for _, w in token_weights(ta, tokenizer, [TEXT], target=target)[0][1:]]
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert max(expected) - min(expected) > 0.3  # the loss, not a constant, sets them
+
+    shown = weights("--ta", str(ta_dir), "--text", TEXT, "--target", str(tiny_lm_dir), "--no-color")
+    assert shown.exit_code == 0, shown.output
+    assert f"[{expected[2]:.2f}]" in shown.output
+
+    missing = weights("--ta", str(ta_dir), "--text", TEXT)
+    assert (
+        missing.exit_code == 1 and "pass --target DIR" in missing.output and "Traceback" not in missing.output
+    )
+    other = build_tiny_lm_dir(tmp_path / "other_lm", vocab_size=270, seed=1)
+    wrong = weights("--ta", str(ta_dir), "--text", TEXT, "--target", str(other))
+    assert wrong.exit_code == 1 and "is not the TA model's" in wrong.output
+
+
+def test_target_is_noted_unused_for_a_ta_without_surprise(ta_dir, tiny_lm_dir):
+    result = weights("--ta", str(ta_dir), "--text", TEXT, "--target", str(tiny_lm_dir), "--no-color")
+    assert result.exit_code == 0 and "--target unused" in result.output
