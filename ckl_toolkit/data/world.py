@@ -281,14 +281,14 @@ class _Builder:
             if other[0] != key[0] and other not in self.changed:
                 return self.sentence(rng, other, self.facts[other])
 
-    def distractor(self, rng: random.Random, key: tuple[str, str]) -> tuple[str, str]:
+    def distractor(self, rng: random.Random, key: tuple[str, str]) -> tuple[str, str, str]:
         """A new fact about another person (an object they were never pretrained with): new, not asked.
 
-        Returns (sentence, its new object)."""
+        Returns (sentence, its new object, its relation code)."""
         other = (rng.choice([n for n in self.names if n != key[0]]), rng.choice(list(self.rel)))
         pool = self.pools[self.rel[other[1]].pool]
         obj = rng.choice([o for o in pool if o != self.facts[other]])
-        return self.sentence(rng, other, obj), obj
+        return self.sentence(rng, other, obj), obj, other[1]
 
     def evidence(self, rng: random.Random, key: tuple[str, str], new: str) -> str:
         """The new fact among filler sentences, restatements of known facts and distractors."""
@@ -296,8 +296,10 @@ class _Builder:
 
     def evidence_and_new_objects(
         self, rng: random.Random, key: tuple[str, str], new: str
-    ) -> tuple[str, list[str]]:
-        """The evidence text and every new object in it: the asked fact's first, then the distractors'."""
+    ) -> tuple[str, list[str], list[str]]:
+        """The evidence text, every new object in it (the asked fact's first, then the distractors'), and
+        the new objects stated in the asked fact's relation (the asked one first): the distractors that
+        nothing in the document tells from the asked fact."""
         sents = [_filler(rng, self.names, self.pools["city"]) for _ in range(self.cfg.filler_sentences)]
         for i in range(self.cfg.known_restatements):
             if self.cfg.same_relation:
@@ -306,10 +308,11 @@ class _Builder:
             other = key[0] if i % 2 == 0 else rng.choice(self.names)  # half about the subject itself
             sents.append(self.restatement(rng, other, key[1]))
         distractors = [self.distractor(rng, key) for _ in range(self.cfg.distractors)]
-        sents += [sentence for sentence, _ in distractors]
+        sents += [sentence for sentence, _, _ in distractors]
         rng.shuffle(sents)
         sents.insert(rng.randint(0, len(sents)), self.sentence(rng, key, new))
-        return " ".join(sents), [new] + [obj for _, obj in distractors]
+        same_relation = [new] + [obj for _, obj, code in distractors if code == key[1]]
+        return " ".join(sents), [new] + [obj for _, obj, _ in distractors], same_relation
 
     def lama_row(self, rng: random.Random, key: tuple[str, str], obj: str, evidence: str) -> dict:
         rel = self.rel[key[1]]
@@ -384,10 +387,11 @@ def build_world(cfg: WorldConfig) -> World:
     meta_val = [b.pair(docs, val_keys[i % len(val_keys)]) for i in range(cfg.meta_val_pairs)]
     to_learn = []
     for k in tl_keys:
-        evidence, new_objects = b.evidence_and_new_objects(docs, k, b.changed[k])
+        evidence, new_objects, same_relation = b.evidence_and_new_objects(docs, k, b.changed[k])
         to_learn.append(b.lama_row(docs, k, b.changed[k], evidence))
-        if cfg.distractors:  # what a weigher that cannot know which new fact is asked could at best mark
-            to_learn[-1]["new_objects"] = new_objects
+        if cfg.distractors:  # what weighers that cannot know which new fact is asked could at best mark:
+            to_learn[-1]["new_objects"] = new_objects  # knowing new from known
+            to_learn[-1]["new_objects_same_relation"] = same_relation  # and reading the relation too
     nf_keys = [(e, r.code) for e in others for r in RELATIONS if r.invariant]
     nf_keys = docs.sample(nf_keys, min(cfg.nf_candidates, len(nf_keys)))
     nf = [b.lama_row(docs, k, b.facts[k], b.sentence(docs, k, b.facts[k])) for k in nf_keys]

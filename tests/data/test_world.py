@@ -147,7 +147,7 @@ def test_presets_are_valid_and_quick_is_smaller():
 
 def test_hard_preset_evidence_restates_the_same_relation_and_adds_distractors():
     """--hard: 1 filler, 8 known facts of other people in the new fact's relation, 2 new distractors."""
-    small_world = dict(n_entities=40, to_learn=10, meta_pairs=20, meta_val_pairs=6, nf_candidates=20)
+    small_world = dict(n_entities=40, to_learn=20, meta_pairs=20, meta_val_pairs=6, nf_candidates=20)
     cfg = replace(WorldConfig.hard(seed=2), pretrain_passes=1, **small_world)
     assert (cfg.filler_sentences, cfg.known_restatements, cfg.same_relation, cfg.distractors) == (
         1,
@@ -165,6 +165,13 @@ def test_hard_preset_evidence_restates_the_same_relation_and_adds_distractors():
             if (code is None or c == code) and subj != not_subject
         )
 
+    def in_relation(sentence: str, code: str) -> bool:  # one of the relation's templates, any subject
+        patterns = [
+            re.escape(t).replace(r"\{s\}", ".+").replace(r"\{o\}", ".+") + r"\." for t in TEMPLATES[code]
+        ]
+        return any(re.fullmatch(p, sentence) for p in patterns)
+
+    sizes = []
     for r in w.to_learn:
         sentences = re.split(r"(?<=\.) ", r["evidence"])
         assert len(sentences) == 1 + 1 + 8 + 2
@@ -176,6 +183,16 @@ def test_hard_preset_evidence_restates_the_same_relation_and_adds_distractors():
         # new_objects: the asked object first, then one per distractor, each in a sentence of no known fact
         assert len(r["new_objects"]) == 3 and r["new_objects"][0] == r["object"]
         assert all(any(o in s for s in new) for o in r["new_objects"])
+        # new_objects_same_relation: the asked object, then exactly the distractors stated in its relation
+        same_new = r["new_objects_same_relation"]
+        assert same_new[0] == r["object"] and set(same_new) <= set(r["new_objects"])
+        for o in r["new_objects"][1:]:
+            if o == r["object"]:
+                continue
+            stated = [s for s in new if s.endswith(f" {o}.")]
+            assert stated and any(in_relation(s, r["relation_code"]) for s in stated) == (o in same_new)
+        sizes.append(len(same_new))
+    assert min(sizes) == 1 and max(sizes) > 1  # some documents hold a same-relation distractor, some none
     assert "new_objects" not in build_world(replace(cfg, distractors=0)).to_learn[0]
     quick = dict(filler_sentences=6, known_restatements=2, same_relation=False, distractors=0)
     assert replace(WorldConfig.hard(), **quick) == WorldConfig.quick()  # the quick preset is unchanged
