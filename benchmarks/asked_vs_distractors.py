@@ -8,7 +8,13 @@ above both, and the asked object's share of φ's total weight. Prints one line p
 
 ``--fit-mask STEPS``: instead, fit a fresh φ (the base's trunk, ``--echo`` or causal) to the asked
 object's tokens of RUN's meta pairs by binary cross-entropy for STEPS steps -- supervised, not
-label-free -- and measure it the same way: whether φ can represent the rule from those pairs at all.
+label-free -- and measure it the same way: whether φ can represent the rule from those pairs at all
+(``--save DIR`` keeps that φ for ``ckl eval``).
+
+``--picked-world DIR``: RUN's world with each TO-LEARN row's ``picked``, the new object φ weighs most;
+``ckl eval --recipe RUN/eval_all_new/recipe.yaml run_dir=... data.dir=DIR weights.object_field=picked``
+then trains on that object alone: what φ's ranking is worth as a hard choice (the spans of the new
+objects come from the world's labels, so this is an upper bound on using the ranking, not a method).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,15 +32,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ckl_toolkit.core.io import write_jsonl_atomic  # noqa: E402
 from ckl_toolkit.core.losses import token_nll  # noqa: E402
-from ckl_toolkit.core.ta_model import TrainAttentionModel, build_ta_model, load_ta_model  # noqa: E402
+from ckl_toolkit.core.ta_model import TrainAttentionModel, build_ta_model, load_ta_model, save_ta_model  # noqa: E402
 from ckl_toolkit.core.text import char_spans, encode, token_mask_for_spans  # noqa: E402
 from ckl_toolkit.metalearn.episodes import make_episode_batch  # noqa: E402
 
 
 @torch.no_grad()
-def measure(ta: TrainAttentionModel, base, tok, rows: list[dict]) -> dict:
-    wins, share = 0, []
+def measure(ta: TrainAttentionModel, base, tok, rows: list[dict]) -> tuple[dict, list[str]]:
+    """The counts above, and per document the new object φ weighs most (its hard choice)."""
+    wins, share, picked = 0, [], []
     for r in rows:
         enc = encode(tok, [r["evidence"]], 4096)
         nll = token_nll(base, enc.input_ids, enc.attention_mask) if ta.surprise else None
@@ -42,9 +51,25 @@ def measure(ta: TrainAttentionModel, base, tok, rows: list[dict]) -> dict:
             token_mask_for_spans(enc.offsets[0], enc.attention_mask[0], char_spans(r["evidence"], o)[:1])
             for o in r["new_objects"]
         ]
-        wins += int(all(w[asked].mean() > w[d].mean() for d in distractors))
+        means = [w[m].mean() for m in (asked, *distractors)]
+        wins += int(all(means[0] > m for m in means[1:]))
         share.append((w[asked].sum() / w[1:].sum()).item())
-    return {"asked_above_distractors": wins, "documents": len(rows), "asked_share": sum(share) / len(share)}
+        picked.append(r["new_objects"][int(torch.stack(means).argmax())])
+    report = {
+        "asked_above_distractors": wins,
+        "asked_picked": sum(p == r["new_objects"][0] for p, r in zip(picked, rows)),  # ties go to the asked
+        "documents": len(rows),
+        "asked_share": sum(share) / len(share),
+    }
+    return report, picked
+
+
+def write_picked_world(run: Path, out: Path, rows: list[dict], picked: list[str]) -> None:
+    """RUN's world with each TO-LEARN row's ``picked``: train on it with ``ckl eval ... methods=[oracle]
+    weights.object_field=picked`` (φ's ranking as a hard choice among the new objects, whose spans
+    come from the world's labels: what the ranking alone is worth)."""
+    shutil.copytree(run / "world", out, dirs_exist_ok=True)
+    write_jsonl_atomic(out / "to_learn.jsonl", [{**r, "picked": p} for r, p in zip(rows, picked)])
 
 
 def fit_mask(run: Path, tok, echo: bool, steps: int, seed: int) -> TrainAttentionModel:
@@ -75,6 +100,15 @@ def main() -> None:
     parser.add_argument("--fit-mask", type=int, default=0, metavar="STEPS")
     parser.add_argument("--echo", action="store_true", help="with --fit-mask: φ reads each document twice")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--save", type=Path, help="with --fit-mask: save the fitted φ here (a TA directory for ckl eval)"
+    )
+    parser.add_argument(
+        "--picked-world",
+        type=Path,
+        help="write RUN's world here with each TO-LEARN row's 'picked': the new object the last TA "
+        "model weighs most",
+    )
     args = parser.parse_args()
     tok = AutoTokenizer.from_pretrained(args.run / "base")
     base = AutoModelForCausalLM.from_pretrained(args.run / "base").eval()
@@ -85,11 +119,15 @@ def main() -> None:
         )
     models = {str(d): load_ta_model(d).eval() for d in args.ta_dirs}
     if args.fit_mask:
-        models[f"fit-mask {'echo' if args.echo else 'causal'}"] = fit_mask(
-            args.run, tok, args.echo, args.fit_mask, args.seed
-        )
+        fitted = fit_mask(args.run, tok, args.echo, args.fit_mask, args.seed)
+        models[f"fit-mask {'echo' if args.echo else 'causal'}"] = fitted
+        if args.save:
+            save_ta_model(fitted, args.save, tok)
     for name, ta in models.items():
-        print(json.dumps({"ta": name, **measure(ta, base, tok, rows)}))
+        report, picked = measure(ta, base, tok, rows)
+        print(json.dumps({"ta": name, **report}))
+    if args.picked_world:  # the last model's choices
+        write_picked_world(args.run, args.picked_world, rows, picked)
 
 
 if __name__ == "__main__":
