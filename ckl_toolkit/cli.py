@@ -640,6 +640,7 @@ def rollback_cmd(output_dir: Path, to: str | None, force: bool) -> None:
 
 
 # Options ``ckl score`` and ``ckl fact-gain`` share.
+_DIR = click.Path(exists=True, file_okay=False, path_type=Path)  # an existing directory
 _BATCH_SIZE = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 _JSON_OUT = click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here."
@@ -870,17 +871,12 @@ def report_cmd(run_dir: Path, out_dir: Path | None, metric: str) -> None:
     "--max-length", type=click.IntRange(min=2), default=1024, show_default=True, help="Tokens per document."
 )
 @click.option(
-    "--tokenizer",
-    "tokenizer_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Tokenizer directory, if the TA directory has none.",
+    "--tokenizer", "tokenizer_dir", type=_DIR, help="Tokenizer directory, if the TA directory has none."
 )
 @click.option(
     "--target",
     "target_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
+    type=_DIR,
     help="The target model (HF directory) whose per-token loss a TA model with ta.surprise reads.",
 )
 def weights_cmd(
