@@ -110,6 +110,8 @@ def main() -> None:
         "model weighs most",
     )
     args = parser.parse_args()
+    if args.picked_world and not (args.ta_dirs or args.fit_mask):
+        parser.error("--picked-world needs a TA model (TA_DIR or --fit-mask) to pick with")
     tok = AutoTokenizer.from_pretrained(args.run / "base")
     base = AutoModelForCausalLM.from_pretrained(args.run / "base").eval()
     rows = [json.loads(x) for x in (args.run / "world" / "to_learn.jsonl").read_text().splitlines()]

@@ -639,8 +639,9 @@ def rollback_cmd(output_dir: Path, to: str | None, force: bool) -> None:
     click.echo(f"{note}: current {before.name if before else 'none'} -> {now.name}")
 
 
-# Options ``ckl score`` and ``ckl fact-gain`` share.
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)  # an existing directory
+
+# Options ``ckl score`` and ``ckl fact-gain`` share.
 _BATCH_SIZE = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 _JSON_OUT = click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the JSON here."
