@@ -462,11 +462,12 @@ def eval_cmd(recipe: Path, dry_run: bool, report: bool, overrides: tuple[str, ..
     if dry_run:
         click.echo(to_yaml(r))
         return
+    from ckl_toolkit.core.io import JsonlError
     from ckl_toolkit.evaluate import run_eval
 
     try:
         run_eval(r)
-    except ConfigError as e:
+    except (ConfigError, JsonlError) as e:  # a bad recipe, or a data file's bad line (file:line: field)
         _fail(e)
     click.echo(f"results: {Path(r.run_dir) / 'results.json'}")
     if report:

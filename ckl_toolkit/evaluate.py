@@ -72,7 +72,11 @@ def _data_file(recipe: EvalRecipe, *names: str) -> Path:
 
 
 def load_to_learn(recipe: EvalRecipe) -> list[dict]:
-    rows = read_jsonl(_data_file(recipe, "to_learn.jsonl"), required=("evidence", "object"))
+    required, why = ("evidence", "object"), {}
+    if any(parse_method(m).weights == "oracle" for m in recipe.methods):  # checked before any training
+        field = recipe.weights.object_field
+        required, why = (*required, field), {field: "weights.object_field, which the oracle weights"}
+    rows = read_jsonl(_data_file(recipe, "to_learn.jsonl"), required=required, why=why)
     return rows[: recipe.data.to_learn_limit] if recipe.data.to_learn_limit else rows
 
 

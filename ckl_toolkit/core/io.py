@@ -114,8 +114,11 @@ def parse_json_object(line: str) -> dict:
     return obj
 
 
-def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file; fail on the first bad line with file:line and the missing field."""
+def read_jsonl(
+    path: str | os.PathLike, required: tuple[str, ...] = (), why: dict[str, str] | None = None
+) -> list[dict]:
+    """Read a JSONL file; fail on the first bad line with file:line and the missing field (and
+    ``why[field]``: the setting that asks for it)."""
     path = Path(path)
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -128,7 +131,8 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
                 raise JsonlError(f"{path}:{lineno}: {e}") from None
             for field in required:
                 if field not in obj:
-                    raise JsonlError(f"{path}:{lineno}: missing field '{field}'")
+                    reason = f" ({why[field]})" if why and field in why else ""
+                    raise JsonlError(f"{path}:{lineno}: missing field '{field}'{reason}")
             rows.append(obj)
     return rows
 

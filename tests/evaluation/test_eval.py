@@ -232,6 +232,16 @@ def test_oracle_weights_the_field_weights_object_field_names(tiny_lm_dir):
         run_lama_ckl(learner, rows[:1] + TO_LEARN[1:], [], 1, BatchSpec(batch_size=4), mix, progress=False)
 
 
+def test_eval_names_the_line_of_a_row_without_the_oracles_field_before_training(tmp_path, tiny_lm_dir):
+    recipe = _recipe(tmp_path, tiny_lm_dir, methods=["finetune", "oracle"])
+    recipe["weights"] = {"object_field": "picked"}
+    res = CliRunner().invoke(main, ["eval", "--recipe", str(_write_recipe(tmp_path, recipe)), "--no-report"])
+    world = tmp_path / "world" / "to_learn.jsonl"
+    assert res.exit_code == 2
+    assert f"{world}:1: missing field 'picked' (weights.object_field" in res.output
+    assert not (tmp_path / "run" / "runs").exists() or not any((tmp_path / "run" / "runs").iterdir())
+
+
 def test_rho1_keeps_exactly_the_top_excess_loss_tokens(tiny_lm_dir):
     learner, _ = _setup(tiny_lm_dir, "rho1")
     weigher = learner.weigher
