@@ -73,12 +73,12 @@ def token_weights(
     docs = []
     for text in texts:
         enc = encode(tokenizer, [text], max_length)
-        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        input_ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # (1, T)
         with torch.no_grad():
-            nll = token_nll(target, ids, mask) if ta.surprise else None  # (1, T-1)
-            w = ta(ids, mask, None, nll)[0].float().cpu().tolist()
-        ids = enc.input_ids[0].tolist()
-        docs.append(list(zip(_pieces(tokenizer, text, ids, enc.offsets[0]), w)))
+            nll = token_nll(target, input_ids, mask) if ta.surprise else None  # (1, T-1)
+            w = ta(input_ids, mask, None, nll)[0].float().cpu().tolist()
+        pieces = _pieces(tokenizer, text, enc.input_ids[0].tolist(), enc.offsets[0])
+        docs.append(list(zip(pieces, w)))
     return docs
 
 
