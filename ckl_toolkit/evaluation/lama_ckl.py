@@ -68,11 +68,10 @@ class ProtocolResult:
         }
 
 
-def check_rows(rows: list[dict], name: str, probe_field: str, training: bool, why: str = "") -> None:
-    """Every fact has its object and probe (and, when trained on, its evidence); errors name the row
-    (and ``why``: the setting that asks for the field)."""
+def check_rows(rows: list[dict], name: str, fields: tuple[str, ...], why: str = "") -> None:
+    """Every row has ``fields``; errors name the row (and ``why``: the setting that asks for them)."""
     for i, r in enumerate(rows):
-        for f in ("evidence", "object", probe_field) if training else ("object", probe_field):
+        for f in fields:
             if f not in r:
                 raise ConfigError(f"{name} row {i}: missing field '{f}'" + (f" ({why})" if why else ""))
 
@@ -134,10 +133,10 @@ def run_lama_ckl(
         seed: the run's seed (the shuffle of each epoch).
         on_epoch: called after every evaluation (epoch 0 = before training) with the result so far.
     """
-    check_rows(to_learn, "TO-LEARN", probe_field, training=True)
-    check_rows(not_to_forget, "NOT-TO-FORGET", probe_field, training=False)
+    check_rows(to_learn, "TO-LEARN", ("evidence", "object", probe_field))  # trained on and probed
+    check_rows(not_to_forget, "NOT-TO-FORGET", ("object", probe_field))
     if getattr(learner.weigher, "name", None) == "oracle":  # a row without its field would train on nothing
-        check_rows(to_learn, "TO-LEARN", learner.object_field, training=False, why="weights.object_field")
+        check_rows(to_learn, "TO-LEARN", (learner.object_field,), why="weights.object_field")
     start = time.perf_counter()
     docs, model = evidence_documents(to_learn, "to_learn", learner.object_field), learner.target.model
     guard = NonFiniteGuard(max_consecutive=3)
